@@ -1,0 +1,26 @@
+# Two entry points: `make demo` (run the embedded demo) and `make test` (the test suite).
+# Both create .venv on first use and install the pinned dependencies into it.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+CORES ?= all
+
+.PHONY: demo test lint clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[test]'
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/snakemake --profile profiles/local --cores $(CORES) all
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest
+
+lint: $(BIN)/.installed
+	$(BIN)/snakemake --lint
+
+clean:
+	rm -rf results .snakemake

@@ -1,0 +1,91 @@
+# Helpers of the workflow: config validation, target lists, input functions.
+from pathlib import Path
+
+from brainprop.config import validate_config
+
+validate_config(config, workflow.source_path("../workflow/schemas/config.schema.yaml"))
+
+RESULTS = config["results"]
+DATASETS = config["features"]["datasets"]
+LAYERS = config["features"]["layers"]
+
+
+wildcard_constraints:
+    dataset="|".join(DATASETS),
+    model="[A-Za-z0-9_\-]+",
+    checkpoint=r"it\d+",
+
+
+def checkpoints_of(model):
+    """Checkpoint labels of a model: the training iterations of a model trained here."""
+    entry = config["models"][model]
+    if entry["kind"] == "dino_checkpoint":
+        return [f"it{it}" for it in config["training"]["checkpoints"]]
+    raise ValueError(f"models.{model}.kind={entry['kind']!r} is not supported")
+
+
+def stimulus_root(dataset):
+    """Folder the stimulus table's ``source`` paths are relative to."""
+    if config["demo"]:
+        return f"{RESULTS}/demo/stimuli/{dataset}"
+    if dataset == "things":
+        return config["data"]["things_images"]
+    return f"{config['data']['nsd']}/nsddata_stimuli/stimuli/nsd"
+
+
+def stimulus_table_inputs(wildcards):
+    """Files a stimulus table is built from: the demo generator's outputs or the dataset's own files."""
+    root = stimulus_root(wildcards.dataset)
+    if wildcards.dataset == "things":
+        return {"marker": f"{root}/captions.csv" if config["demo"] else root}
+    info = (f"{root}/nsd_stim_info_merged.csv" if config["demo"]
+            else f"{config['data']['nsd']}/nsddata/experiments/nsd/nsd_stim_info_merged.csv")
+    return {"hdf5": f"{root}/nsd_stimuli.hdf5", "stim_info": info}
+
+
+def stimulus_root_param(wildcards):
+    return stimulus_root(wildcards.dataset)
+
+
+def captions_param(wildcards):
+    """Captions file of a dataset: the demo's captions.csv, or data.<dataset>_captions (may be null)."""
+    if config["demo"]:
+        return f"{stimulus_root(wildcards.dataset)}/captions.csv"
+    return config["data"].get(f"{wildcards.dataset}_captions")
+
+
+def checkpoint_file(wildcards):
+    return f"{RESULTS}/training/{wildcards.model}/checkpoint_{wildcards.checkpoint}.pt"
+
+
+def feature_dir(kind, model, checkpoint, dataset):
+    return f"{RESULTS}/features/{model}/{checkpoint}/{dataset}/{kind}"
+
+
+def all_feature_targets():
+    """PCA features of every (model, checkpoint, dataset)."""
+    return [
+        f"{feature_dir('pca', m, c, d)}/pca_summary.parquet"
+        for m in config["models"]
+        for c in checkpoints_of(m)
+        for d in DATASETS
+    ]
+
+
+def model_config(wildcards):
+    """The model's config entry (narrow params: only this model's settings)."""
+    return config["models"][wildcards.model]
+
+
+def features_config(wildcards):
+    """Feature-extraction settings (layers, pooling, backprop target, projection, batch size)."""
+    return {k: v for k, v in config["features"].items() if k not in ("pca", "datasets")}
+
+
+def training_roots(wildcards):
+    """Stimulus roots of the training datasets, in the order of training.datasets."""
+    return [stimulus_root(d) for d in config["training"]["datasets"]]
+
+
+def training_arch(wildcards):
+    return config["models"][wildcards.model]["arch"]

@@ -1,0 +1,257 @@
+"""Per-image forward activations and backpropagated gradients of chosen layers.
+
+For each image and each hooked layer (a ``torch.nn.Linear``, default the MLP output
+projection ``blocks.N.mlp.fc2``):
+
+* **forward**: the layer's output on the image's plain view, pooled over tokens
+  (``mean`` over all tokens by default: it keeps the layer width as dimension, weighs
+  the patch tokens that carry most of the image's content, and is the usual choice in
+  encoding studies of ViTs; ``cls`` takes token 0, ``flatten`` keeps every token).
+* **backprop**: the gradient of the image's OWN loss with respect to either the layer's
+  weight (``weight``: the per-image synaptic update ``sum_views sum_tokens
+  outer(grad_output, input)``, bias excluded) or its output (``output``: the backward
+  activation, pooled over tokens like forward and summed over the image's views).
+
+Losses follow the image-wise loss protocol: ``loss(images_uint8, image_ids)`` returns
+``(losses (B,), owner (N,))`` where ``owner[n]`` is the image of row ``n`` of every batch
+the loss ran ``loss.network`` on, and ``losses[b]`` depends on image ``b`` only; so the
+gradient of ``losses.sum()`` at a row is the gradient of its owner's loss, and a batch
+of B images gives exactly the gradients of B single-image passes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from brainprop.projection import GaussianProjection, KroneckerProjection, fit_pca
+from brainprop.utils import get_logger, resolve_device, save_npy_atomic, save_parquet_atomic
+
+log = get_logger(__name__)
+
+POOLINGS = ("mean", "cls", "flatten")
+BACKPROP_TARGETS = ("weight", "output")
+
+
+def pool_tokens(x: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool (N, T, D) token features to (N, D) (``mean``, ``cls``) or (N, T * D) (``flatten``)."""
+    if x.ndim == 2:  # already one vector per row (e.g. a pooled CNN layer)
+        return x
+    if pooling == "mean":
+        return x.mean(dim=1)
+    if pooling == "cls":
+        return x[:, 0]
+    if pooling == "flatten":
+        return x.flatten(1)
+    raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+
+
+@dataclass
+class _Capture:
+    """Inputs and outputs of one layer over every call of the network during a step."""
+
+    inputs: list[torch.Tensor] = field(default_factory=list)
+    outputs: list[torch.Tensor] = field(default_factory=list)
+
+    def hook(self, module, args, output):
+        self.inputs.append(args[0])
+        self.outputs.append(output)
+
+    def clear(self):
+        self.inputs.clear()
+        self.outputs.clear()
+
+
+class FeatureExtractor:
+    """Extract forward and backprop features of ``layers`` of ``loss.network``.
+
+    Parameters
+    ----------
+    loss : image-wise loss (see module docstring); ``loss.network`` is hooked, ``loss.plain_view``
+        gives the forward view.
+    layers : module names, e.g. ``["blocks.0.mlp.fc2", ...]``; each must be a ``torch.nn.Linear``
+        when ``backprop_target="weight"``.
+    pooling : ``mean`` | ``cls`` | ``flatten``.
+    backprop_target : ``weight`` | ``output``.
+    projection : ``gaussian`` | ``kronecker`` | ``none``; weight gradients (and output gradients
+        larger than ``projection_dim``) are projected to ``projection_dim`` dims.
+    """
+
+    def __init__(self, loss, layers: Sequence[str], pooling: str = "mean", backprop_target: str = "weight",
+                 projection: str = "gaussian", projection_dim: int = 800, seed: int = 0,
+                 memory_budget_mb: float = 1024.0):
+        if backprop_target not in BACKPROP_TARGETS:
+            raise ValueError(f"backprop_target must be one of {BACKPROP_TARGETS}, got {backprop_target!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.loss, self.layers = loss, list(layers)
+        self.pooling, self.backprop_target = pooling, backprop_target
+        modules = dict(loss.network.named_modules())
+        missing = [name for name in self.layers if name not in modules]
+        if missing:
+            linear = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear)][:8]
+            raise ValueError(f"layers {missing} not found in the network; Linear layers include {linear} ...")
+        self.modules = {name: modules[name] for name in self.layers}
+        if backprop_target == "weight":
+            bad = [n for n, m in self.modules.items() if not isinstance(m, torch.nn.Linear)]
+            if bad:
+                raise ValueError(f"backprop_target='weight' needs torch.nn.Linear layers; {bad} are not")
+        self.projectors = {}
+        for name, module in self.modules.items():
+            if backprop_target != "weight" or projection == "none":
+                continue
+            rows, cols = module.weight.shape
+            # per-layer seed so equal-shaped layers are projected independently
+            layer_seed = seed * 1000 + self.layers.index(name)
+            self.projectors[name] = (KroneckerProjection(rows, cols, projection_dim, layer_seed)
+                                     if projection == "kronecker" else
+                                     GaussianProjection(rows * cols, projection_dim, layer_seed, memory_budget_mb))
+        self.projection, self.projection_dim = projection, projection_dim
+        self.seed, self.memory_budget_mb = seed, memory_budget_mb
+        self._captures = {name: _Capture() for name in self.layers}
+
+    def _hooks(self):
+        return [self.modules[n].register_forward_hook(self._captures[n].hook) for n in self.layers]
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pooled forward activations, {layer: (B, d)}."""
+        handles = self._hooks()
+        try:
+            with torch.no_grad():
+                self.loss.network(self.loss.plain_view(images))
+            return {n: pool_tokens(c.outputs[0], self.pooling).float() for n, c in self._captures.items()}
+        finally:
+            for h in handles:
+                h.remove()
+            for c in self._captures.values():
+                c.clear()
+
+    def backprop(self, images: torch.Tensor, image_ids: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Per-image backprop features, {layer: (B, k)}; also returns nothing else (losses are logged by caller)."""
+        handles = self._hooks()
+        try:
+            losses, owner = self.loss(images, image_ids)
+            outputs = [o for n in self.layers for o in self._captures[n].outputs]
+            grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+            result, i = {}, 0
+            for n in self.layers:
+                cap = self._captures[n]
+                g = [torch.zeros_like(o) if gr is None else gr for o, gr in zip(cap.outputs, grads[i:i + len(cap.outputs)])]
+                i += len(cap.outputs)
+                result[n] = self._per_image(n, [x.detach() for x in cap.inputs], g, owner, len(image_ids))
+            self.last_losses = losses.detach()
+            return result
+        finally:
+            for h in handles:
+                h.remove()
+            for c in self._captures.values():
+                c.clear()
+
+    def _per_image(self, name, inputs, grads, owner, n_images) -> torch.Tensor:
+        owner = owner.to(grads[0].device)
+        offsets = np.cumsum([0] + [g.shape[0] for g in grads])
+        if offsets[-1] != owner.shape[0]:
+            raise RuntimeError(f"loss returned {owner.shape[0]} owners for {offsets[-1]} network rows at {name}")
+        chunks = [owner[offsets[c]:offsets[c + 1]] for c in range(len(grads))]
+        if self.backprop_target == "output":
+            pooled = [pool_tokens(g, self.pooling).float() for g in grads]
+            if len({p.shape[1] for p in pooled}) > 1:
+                raise ValueError(f"{name}: output gradients of views with different token counts cannot be "
+                                 f"combined with pooling={self.pooling!r}; use mean or cls")
+            out = torch.zeros(n_images, pooled[0].shape[1], device=pooled[0].device)
+            for p, own in zip(pooled, chunks):
+                out.index_add_(0, own, p)
+            if out.shape[1] > self.projection_dim and self.projection != "none":
+                proj = self.projectors.setdefault(name, GaussianProjection(
+                    out.shape[1], self.projection_dim, self.seed * 1000 + self.layers.index(name), self.memory_budget_mb))
+                out = proj(out)
+            return out
+        proj = self.projectors.get(name)
+        if isinstance(proj, KroneckerProjection):
+            return sum(proj.from_factors(g, x, own, n_images) for g, x, own in zip(grads, inputs, chunks))
+        rows, cols = self.modules[name].weight.shape
+        weight_grads = torch.zeros(n_images, rows, cols, device=grads[0].device)
+        for g, x, own in zip(grads, inputs, chunks):
+            g2, x2 = g.float().reshape(g.shape[0], -1, rows), x.float().reshape(x.shape[0], -1, cols)
+            for b in own.unique().tolist():
+                rows_b = own == b
+                weight_grads[b] += g2[rows_b].reshape(-1, rows).T @ x2[rows_b].reshape(-1, cols)
+        flat = weight_grads.reshape(n_images, -1)
+        return flat if proj is None else proj(flat)
+
+
+def extract_features(extractor: FeatureExtractor, dataset, batch_size: int, device=None,
+                     desc: str = "features") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[str]]:
+    """Run ``extractor`` over a dataset of ``(uint8 image, image_id)``.
+
+    Returns ``(forward, backprop, image_ids)`` with ``{layer: (n_images, d) float32}`` arrays in dataset order.
+    """
+    device = resolve_device(device)
+    forward: dict[str, list[np.ndarray]] = {n: [] for n in extractor.layers}
+    backprop: dict[str, list[np.ndarray]] = {n: [] for n in extractor.layers}
+    ids: list[str] = []
+    n = len(dataset)
+    for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch"):
+        items = [dataset[i] for i in range(start, min(start + batch_size, n))]
+        images = torch.stack([im for im, _ in items]).to(device)
+        batch_ids = [i for _, i in items]
+        for name, x in extractor.forward(images).items():
+            forward[name].append(x.cpu().numpy())
+        for name, x in extractor.backprop(images, batch_ids).items():
+            backprop[name].append(x.cpu().numpy())
+        ids.extend(batch_ids)
+    cat = lambda d: {k: np.concatenate(v).astype(np.float32) for k, v in d.items()}  # noqa: E731
+    return cat(forward), cat(backprop), ids
+
+
+def run_feature_extraction(checkpoint: str | os.PathLike, stimulus_table: str | os.PathLike,
+                           stimulus_root: str | os.PathLike, out_dir: str | os.PathLike, model: dict,
+                           features: dict, seed: int, device: str | None = None) -> None:
+    """Rule entry point: write ``{out_dir}/{layer}.{forward,backprop}.npy`` and ``{out_dir}/index.parquet``.
+
+    ``model`` is the model's config entry (kind, image_size, loss settings); ``features`` the
+    ``features`` config section (layers, pooling, backprop_target, projection, batch_size).
+    """
+    from brainprop.models import build_image_wise_loss
+    from brainprop.stimuli import StimulusDataset
+
+    device = resolve_device(device)
+    loss = build_image_wise_loss(model, checkpoint, seed=seed, device=device)
+    table = pd.read_parquet(stimulus_table)
+    dataset = StimulusDataset(table, stimulus_root, model["image_size"])
+    proj = features["projection"]
+    extractor = FeatureExtractor(loss, features["layers"], features["pooling"], features["backprop_target"],
+                                 proj["method"], proj["dim"], seed=seed, memory_budget_mb=proj["memory_budget_mb"])
+    fwd, bwd, ids = extract_features(extractor, dataset, features["batch_size"], device,
+                                     desc=f"features {Path(out_dir).name}")
+    if ids != table.image_id.tolist():
+        raise RuntimeError("feature rows are out of order with the stimulus table")
+    out_dir = Path(out_dir)
+    for name in extractor.layers:
+        save_npy_atomic(out_dir / f"{name}.forward.npy", fwd[name])
+        save_npy_atomic(out_dir / f"{name}.backprop.npy", bwd[name])
+    save_parquet_atomic(pd.DataFrame({"image_id": ids}), out_dir / "index.parquet")
+    log.info("wrote %d layers x 2 signals for %d images to %s", len(extractor.layers), len(ids), out_dir)
+
+
+def run_pca(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, layers: Sequence[str], n_components: int,
+            seed: int) -> None:
+    """Rule entry point: PCA of every ``{raw_dir}/{layer}.{signal}.npy`` to ``{out_dir}/{layer}.{signal}.npy``."""
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    rows = []
+    for layer in tqdm(layers, desc="PCA", unit="layer"):
+        for signal in ("forward", "backprop"):
+            x = np.load(raw_dir / f"{layer}.{signal}.npy")
+            scores, ratio = fit_pca(x, n_components, seed)
+            save_npy_atomic(out_dir / f"{layer}.{signal}.npy", scores)
+            rows.append({"layer": layer, "signal": signal, "raw_dim": x.shape[1], "n_components": scores.shape[1],
+                         "explained_variance": float(ratio.sum())})
+    save_parquet_atomic(pd.read_parquet(raw_dir / "index.parquet"), out_dir / "index.parquet")
+    save_parquet_atomic(pd.DataFrame(rows), out_dir / "pca_summary.parquet")

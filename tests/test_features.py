@@ -1,0 +1,173 @@
+"""Per-image forward/backprop extraction: exact against single-image autograd passes."""
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from brainprop.features import FeatureExtractor, extract_features, pool_tokens
+from brainprop.projection import GaussianProjection
+
+LAYERS = ["blocks.0.mlp.fc2", "blocks.2.mlp.fc2"]
+
+
+class ToyImageWiseLoss:
+    """A per-image loss over two views of different sizes (two network calls), seeded per image id.
+
+    Follows the image-wise loss protocol of ``brainprop.features``: the network sees every
+    image's global view in one call and its local view in a second call; loss_b is a
+    function of image b's rows only.
+    """
+
+    def __init__(self, seed=0):
+        torch.manual_seed(seed)
+        self.network = timm.models.eva.Eva(img_size=32, patch_size=8, embed_dim=24, depth=3, num_heads=2,
+                                           num_classes=0, num_reg_tokens=2, use_rot_pos_emb=True,
+                                           use_abs_pos_emb=False, rope_type="dinov3", dynamic_img_size=True,
+                                           init_values=0.5).eval()
+        self.seed = seed
+
+    def plain_view(self, images):
+        return F.interpolate(images.float() / 255, size=(32, 32), mode="bilinear", align_corners=False)
+
+    def _local(self, img, image_id):
+        g = torch.Generator().manual_seed(hash_id(self.seed, image_id))
+        y, x = torch.randint(0, 17, (2,), generator=g).tolist()
+        return img[:, y:y + 16, x:x + 16]
+
+    def __call__(self, images, image_ids):
+        x = self.plain_view(images)
+        local = torch.stack([self._local(im, i) for im, i in zip(x, image_ids)])
+        a = self.network.forward_features(x)  # (B, T, D)
+        b = self.network.forward_features(local.flip(-1))
+        target = torch.tanh(a.detach().mean(1) * 3)
+        losses = ((a[:, 0] - target) ** 2).sum(1) + ((b.mean(1) - target) ** 2).sum(1) + (a**3).mean((1, 2))
+        owner = torch.arange(len(image_ids)).repeat(2)
+        return losses, owner
+
+
+def hash_id(seed, image_id):
+    import zlib
+
+    return zlib.crc32(f"{seed}:{image_id}".encode())
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (3, 3, 40, 40), generator=g, dtype=torch.uint8)
+    return images, ["img_a", "img_b", "img_c"]
+
+
+def _weight_grad_alone(loss, image, image_id, layer):
+    module = dict(loss.network.named_modules())[layer]
+    losses, _ = loss(image[None], [image_id])
+    (g,) = torch.autograd.grad(losses.sum(), module.weight)
+    return g
+
+
+def test_weight_gradients_equal_single_image_autograd(batch):
+    images, ids = batch
+    loss = ToyImageWiseLoss()
+    ex = FeatureExtractor(loss, LAYERS, backprop_target="weight", projection="none")
+    feats = ex.backprop(images, ids)
+    for layer in LAYERS:
+        for b in range(len(ids)):
+            ref = _weight_grad_alone(loss, images[b], ids[b], layer).flatten()
+            assert ref.abs().max() > 0
+            torch.testing.assert_close(feats[layer][b], ref, rtol=1e-5, atol=1e-7)
+
+
+def test_batch_order_does_not_change_an_image_features(batch):
+    images, ids = batch
+    loss = ToyImageWiseLoss()
+    ex = FeatureExtractor(loss, LAYERS, backprop_target="weight", projection="gaussian", projection_dim=16)
+    full = ex.backprop(images, ids)
+    perm = [2, 0, 1]
+    shuffled = ex.backprop(images[perm], [ids[i] for i in perm])
+    for layer in LAYERS:
+        torch.testing.assert_close(shuffled[layer], full[layer][perm], rtol=1e-5, atol=1e-6)
+
+
+def test_output_gradients_are_pooled_and_summed_over_views(batch):
+    images, ids = batch
+    loss = ToyImageWiseLoss()
+    ex = FeatureExtractor(loss, LAYERS, pooling="mean", backprop_target="output", projection="none")
+    feats = ex.backprop(images, ids)
+    for b in range(len(ids)):
+        outs = []
+        module = dict(loss.network.named_modules())[LAYERS[1]]
+        h = module.register_forward_hook(lambda m, a, o: outs.append(o))
+        losses, _ = loss(images[b:b + 1], [ids[b]])
+        h.remove()
+        grads = torch.autograd.grad(losses.sum(), outs)
+        ref = sum(g.mean(1)[0] for g in grads)
+        torch.testing.assert_close(feats[LAYERS[1]][b], ref, rtol=1e-5, atol=1e-7)
+
+
+def test_kronecker_matches_gaussian_free_reference(batch):
+    """The Kronecker path never forms G yet equals vec(G) @ kron(A, B) on the exact per-image G."""
+    images, ids = batch
+    loss = ToyImageWiseLoss()
+    exact = FeatureExtractor(loss, LAYERS, projection="none").backprop(images, ids)
+    kron = FeatureExtractor(loss, LAYERS, projection="kronecker", projection_dim=12)
+    feats = kron.backprop(images, ids)
+    for layer in LAYERS:
+        proj = kron.projectors[layer]
+        ref = exact[layer] @ torch.kron(proj.a, proj.b)
+        torch.testing.assert_close(feats[layer], ref, rtol=1e-4, atol=1e-7)
+
+
+def test_forward_features_are_pooled_layer_outputs(batch):
+    images, ids = batch
+    loss = ToyImageWiseLoss()
+    ex = FeatureExtractor(loss, LAYERS, pooling="cls")
+    feats = ex.forward(images)
+    outs = {}
+    hooks = [dict(loss.network.named_modules())[n].register_forward_hook(
+        lambda m, a, o, n=n: outs.__setitem__(n, o)) for n in LAYERS]
+    with torch.no_grad():
+        loss.network.forward_features(loss.plain_view(images))
+    for h in hooks:
+        h.remove()
+    for n in LAYERS:
+        torch.testing.assert_close(feats[n], outs[n][:, 0])
+
+
+def test_extract_features_runs_in_batches_and_matches_one_batch(batch):
+    images, ids = batch
+    dataset = [(images[i], ids[i]) for i in range(3)]
+    loss = ToyImageWiseLoss()
+    ex = FeatureExtractor(loss, LAYERS, projection="gaussian", projection_dim=10, seed=3)
+    fwd1, bwd1, ids1 = extract_features(ex, dataset, batch_size=2)
+    fwd3, bwd3, _ = extract_features(ex, dataset, batch_size=3)
+    assert ids1 == ids
+    for n in LAYERS:
+        assert fwd1[n].shape == (3, 24) and bwd1[n].shape == (3, 10) and bwd1[n].dtype == np.float32
+        np.testing.assert_allclose(bwd1[n], bwd3[n], rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(fwd1[n], fwd3[n], rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_layer_and_bad_options_are_clear_errors():
+    loss = ToyImageWiseLoss()
+    with pytest.raises(ValueError, match="blocks.9.mlp.fc2"):
+        FeatureExtractor(loss, ["blocks.9.mlp.fc2"])
+    with pytest.raises(ValueError, match="torch.nn.Linear"):
+        FeatureExtractor(loss, ["blocks.0.mlp"], backprop_target="weight")
+    with pytest.raises(ValueError, match="pooling"):
+        FeatureExtractor(loss, LAYERS, pooling="max")
+
+
+def test_pool_tokens_shapes():
+    x = torch.arange(24.0).reshape(2, 3, 4)
+    assert torch.equal(pool_tokens(x, "mean"), x.mean(1))
+    assert torch.equal(pool_tokens(x, "cls"), x[:, 0])
+    assert pool_tokens(x, "flatten").shape == (2, 12)
+
+
+def test_gaussian_projection_of_output_gradients_is_seeded():
+    a = GaussianProjection(50, 8, seed=1)(torch.ones(2, 50))
+    b = GaussianProjection(50, 8, seed=1)(torch.ones(2, 50))
+    c = GaussianProjection(50, 8, seed=2)(torch.ones(2, 50))
+    assert torch.equal(a, b) and not torch.allclose(a, c)
