@@ -12,9 +12,10 @@ rule train_dino:
         f"{RESULTS}/logs/train_{{model}}.log",
     params:
         roots=training_roots,
-        arch=training_arch,
+        image_size=training_image_size,
         training=config["training"],
         seed=config["seed"],
+    threads: 1
     resources:
         gpu=1,
     script:

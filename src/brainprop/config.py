@@ -82,7 +82,13 @@ def _consistency(config: dict) -> list[str]:
     iters = config.get("training", {}).get("iterations")
     if ckpts and iters is not None and max(ckpts) > iters:
         out.append(f"training.checkpoints: {max(ckpts)} exceeds training.iterations ({iters})")
+    sim = config.get("simulation", {})
+    if config.get("demo", True) and sim and ckpts and sim.get("checkpoint") not in ckpts:
+        out.append(f"simulation.checkpoint ({sim.get('checkpoint')}) must be one of training.checkpoints {ckpts}")
+    if config.get("demo", True) and sim and sim.get("model") not in config.get("models", {}):
+        out.append(f"simulation.model ({sim.get('model')!r}) must be one of the models: {sorted(config.get('models', {}))}")
     return out
+
 
 
 def config_hash(section: dict) -> str:

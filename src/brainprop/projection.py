@@ -22,12 +22,10 @@ PCA (scikit-learn, exact SVD) reduces features to the configured dimensions; the
 
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 import torch
 
-from brainprop.utils import get_logger
+from brainprop.utils import get_logger, stable_seed
 
 log = get_logger(__name__)
 
@@ -35,9 +33,7 @@ BLOCK_ROWS = 8192
 
 
 def _generator(seed: int, *keys: int) -> torch.Generator:
-    g = torch.Generator(device="cpu")
-    g.manual_seed(zlib.crc32(np.asarray([seed, *keys], dtype=np.int64).tobytes()))
-    return g
+    return torch.Generator(device="cpu").manual_seed(stable_seed("projection", seed, *keys))
 
 
 class GaussianProjection:
