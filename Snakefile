@@ -12,9 +12,11 @@ include: "rules/common.smk"
 include: "rules/stimuli.smk"
 include: "rules/training.smk"
 include: "rules/features.smk"
+include: "rules/brain.smk"
 
 
 rule all:
     default_target: True
     input:
         all_feature_targets(),
+        brain_targets(),

@@ -87,5 +87,46 @@ def training_roots(wildcards):
     return [stimulus_root(d) for d in config["training"]["datasets"]]
 
 
-def training_arch(wildcards):
-    return config["models"][wildcards.model]["arch"]
+def training_image_size(wildcards):
+    """Size images are loaded at for training (the model's image_size)."""
+    return config["models"][wildcards.model]["image_size"]
+
+
+def brain_root(dataset):
+    """Root of a brain dataset: the demo's simulated tree or the configured real root."""
+    if config["demo"]:
+        return f"{RESULTS}/demo/{dataset}"
+    return config["data"][dataset]
+
+
+def generator_features(dataset, kind):
+    """PCA features of the simulation's generator checkpoint (planted effects come from these)."""
+    sim = config["simulation"]
+    folder = feature_dir("pca", sim["model"], f"it{sim['checkpoint']}", dataset)
+    if kind == "index":
+        return f"{folder}/index.parquet"
+    return [f"{folder}/{layer}.{kind}.npy" for layer in LAYERS]
+
+
+def simulation_nsd_params():
+    """Simulator parameters; the number of subjects follows nsd.subjects."""
+    return {**config["simulation"]["nsd"], "n_subjects": max(config["nsd"]["subjects"])}
+
+
+def simulation_meg_params():
+    """Simulator parameters; the participants follow meg.subjects."""
+    return {**config["simulation"]["meg"], "subjects": config["meg"]["subjects"]}
+
+
+def nsd_n_sessions(wildcards):
+    """Sessions expected for a subject: nsd.n_sessions[subject - 1] when given, else what is found."""
+    counts = config["nsd"]["n_sessions"]
+    return None if counts is None else counts[int(wildcards.subject) - 1]
+
+
+def brain_targets():
+    return (
+        [f"{RESULTS}/brain/nsd/subj{s:02d}/betas.npy" for s in config["nsd"]["subjects"]]
+        + [f"{RESULTS}/brain/meg/sub-BIGMEG{s}/data.npy" for s in config["meg"]["subjects"]]
+        + [f"{RESULTS}/brain/nsd/rois.parquet"]
+    )
