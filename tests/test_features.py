@@ -1,6 +1,7 @@
 """Per-image forward/backprop extraction: exact against single-image autograd passes."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import timm
 import torch
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 
 from brainprop.features import FeatureExtractor, extract_features, pool_tokens
 from brainprop.projection import GaussianProjection
+from brainprop.utils import stable_seed
 
 LAYERS = ["blocks.0.mlp.fc2", "blocks.2.mlp.fc2"]
 
@@ -32,7 +34,7 @@ class ToyImageWiseLoss:
         return F.interpolate(images.float() / 255, size=(32, 32), mode="bilinear", align_corners=False)
 
     def _local(self, img, image_id):
-        g = torch.Generator().manual_seed(hash_id(self.seed, image_id))
+        g = torch.Generator().manual_seed(stable_seed(self.seed, image_id))
         y, x = torch.randint(0, 17, (2,), generator=g).tolist()
         return img[:, y:y + 16, x:x + 16]
 
@@ -45,12 +47,6 @@ class ToyImageWiseLoss:
         losses = ((a[:, 0] - target) ** 2).sum(1) + ((b.mean(1) - target) ** 2).sum(1) + (a**3).mean((1, 2))
         owner = torch.arange(len(image_ids)).repeat(2)
         return losses, owner
-
-
-def hash_id(seed, image_id):
-    import zlib
-
-    return zlib.crc32(f"{seed}:{image_id}".encode())
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +167,64 @@ def test_gaussian_projection_of_output_gradients_is_seeded():
     b = GaussianProjection(50, 8, seed=1)(torch.ones(2, 50))
     c = GaussianProjection(50, 8, seed=2)(torch.ones(2, 50))
     assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+@pytest.fixture(scope="module")
+def dino_checkpoint(tmp_path_factory):
+    """A tiny DINOv3-style checkpoint after 2 updates (teacher != student)."""
+    from brainprop.models import train_dino
+
+    cfg = {"iterations": 2, "batch_size": 4,
+           "arch": {"timm_name": "vit_small_patch16_dinov3",
+                    "kwargs": {"embed_dim": 32, "num_heads": 2, "depth": 3, "patch_size": 8, "img_size": 32}},
+           "head": {"hidden_dim": 32, "bottleneck_dim": 16, "n_prototypes": 16, "ibot_n_prototypes": 16},
+           "crops": {"global_size": 32, "local_size": 16, "n_local": 2}}
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randint(0, 256, (3, 40, 40), generator=g, dtype=torch.uint8), f"im{i}") for i in range(8)]
+    path = tmp_path_factory.mktemp("dino") / "it2.pt"
+    train_dino(data, cfg, [2], [path], seed=0, device="cpu", log_every=0)
+    return path, data
+
+
+def test_dino_image_wise_weight_gradients_batch_equals_single(dino_checkpoint):
+    """With the real image-wise DINO+iBOT loss, a batch gives each image's single-image gradient."""
+    from brainprop.models import build_image_wise_loss
+
+    path, data = dino_checkpoint
+    loss = build_image_wise_loss({"kind": "dino_checkpoint", "loss": {}}, path, seed=5)
+    layers = ["blocks.0.mlp.fc2", "blocks.2.mlp.fc2"]
+    ex = FeatureExtractor(loss, layers, projection="none")
+    images = torch.stack([im for im, _ in data[:3]])
+    ids = [i for _, i in data[:3]]
+    batch = ex.backprop(images, ids)
+    for b in range(3):
+        single = ex.backprop(images[b:b + 1], ids[b:b + 1])
+        ref = _weight_grad_alone(loss, images[b], ids[b], layers[1]).flatten()
+        for layer in layers:
+            assert single[layer].abs().max() > 0
+            torch.testing.assert_close(batch[layer][b], single[layer][0], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(batch[layers[1]][b], ref, rtol=1e-4, atol=1e-7)
+
+
+def test_run_feature_extraction_and_pca_write_aligned_files(dino_checkpoint, tmp_path):
+    from brainprop.features import run_feature_extraction, run_pca
+    from brainprop.stimuli import generate_things_demo, things_stimulus_table
+
+    path, _ = dino_checkpoint
+    root = tmp_path / "things"
+    generate_things_demo(root, n_concepts=3, images_per_concept=2, n_test_concepts=1, n_catch=0, image_size=32, seed=0)
+    table = things_stimulus_table(root)
+    table.to_parquet(tmp_path / "things.parquet")
+    layers = ["blocks.0.mlp.fc2", "blocks.2.mlp.fc2"]
+    features = {"layers": layers, "pooling": "mean", "backprop_target": "weight", "batch_size": 3,
+                "projection": {"method": "kronecker", "dim": 12, "memory_budget_mb": 1}}
+    model = {"kind": "dino_checkpoint", "image_size": 32, "loss": {}}
+    run_feature_extraction(path, tmp_path / "things.parquet", root, tmp_path / "raw", model, features, seed=0)
+    index = pd.read_parquet(tmp_path / "raw/index.parquet")
+    assert index.image_id.tolist() == table.image_id.tolist()
+    fwd = np.load(tmp_path / "raw/blocks.2.mlp.fc2.forward.npy")
+    bwd = np.load(tmp_path / "raw/blocks.2.mlp.fc2.backprop.npy")
+    assert fwd.shape == (7, 32) and bwd.shape == (7, 12) and np.isfinite(bwd).all() and bwd.std() > 0
+    run_pca(tmp_path / "raw", tmp_path / "pca", layers, n_components=4, seed=0)
+    assert np.load(tmp_path / "pca/blocks.0.mlp.fc2.backprop.npy").shape == (7, 4)
+    assert pd.read_parquet(tmp_path / "pca/pca_summary.parquet").shape[0] == 4

@@ -320,7 +320,7 @@ class StimulusDataset:
         if not path.exists():
             raise FileNotFoundError(f"stimulus image {path} (image_id {row.image_id}) is missing")
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))
 
     def __getitem__(self, i: int):
         import torch
