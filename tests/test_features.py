@@ -141,7 +141,7 @@ def test_extract_features_runs_in_batches_and_matches_one_batch(batch):
     assert ids1 == ids
     for n in LAYERS:
         assert fwd1[n].shape == (3, 24) and bwd1[n].shape == (3, 10) and bwd1[n].dtype == np.float32
-        np.testing.assert_allclose(bwd1[n], bwd3[n], rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(bwd1[n], bwd3[n], rtol=1e-4, atol=2e-6)  # float32 summation order
         np.testing.assert_allclose(fwd1[n], fwd3[n], rtol=1e-5, atol=1e-6)
 
 
