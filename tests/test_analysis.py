@@ -1,0 +1,331 @@
+"""Analysis functions on hand-made inputs with known answers (best layer, ROIs, correlations,
+peak times, half-times, summary scores)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+
+from brainprop.analysis import (
+    best_encoded_rois,
+    best_layer,
+    best_layer_per_vertex,
+    checkpoint_iteration,
+    correlation,
+    distance_layer_correlation,
+    fmri_summary,
+    half_time,
+    half_times,
+    meg_summary,
+    peak_times,
+    roi_means,
+    spatial_score,
+    stars,
+    summary_scores,
+    temporal_score,
+    vertex_array,
+)
+
+L = 5
+DEPTHS = np.arange(L) / (L - 1)
+LAYERS = [f"blocks.{i}.mlp.fc2" for i in range(L)]
+
+
+# ---------------------------------------------------------------- best layer
+
+def test_best_layer_argmax_depth_and_masks():
+    scores = np.array([[0.1, 0.5, np.nan, 0.2, 0.0],
+                       [0.2, 0.4, np.nan, 0.2, 0.0],
+                       [0.9, 0.3, np.nan, 0.1, 0.0],
+                       [0.3, 0.2, np.nan, 0.0, 0.0],
+                       [0.0, np.nan, np.nan, 0.6, 0.0]])
+    best = best_layer(scores, DEPTHS)
+    # target 0: layer 2 is max -> k = 2 / (L - 1); target 1: layer 0 (NaN ignored); target 2: all NaN;
+    # target 3: layer 4; target 4: ties -> shallowest layer
+    np.testing.assert_array_equal(best, [2 / (L - 1), 0.0, np.nan, 1.0, 0.0])
+    sig = np.zeros_like(scores, dtype=bool)
+    sig[0, 0] = True   # significant at a non-best layer: argmax still over all layers
+    sig[1, 3] = True
+    best = best_layer(scores, DEPTHS, sig)
+    np.testing.assert_array_equal(best, [0.5, np.nan, np.nan, 1.0, np.nan])
+
+
+def test_best_layer_bad_shapes():
+    with pytest.raises(ValueError, match="depths"):
+        best_layer(np.zeros((3, 4)), DEPTHS)
+    with pytest.raises(ValueError, match="significant"):
+        best_layer(np.zeros((L, 4)), DEPTHS, np.zeros((L, 3), bool))
+
+
+def _subject_table(scores, significant, signal="forward", subject=1, checkpoint="it300", vertices=None):
+    """Tidy per-subject table from (L, n_vertices) arrays."""
+    n = scores.shape[1]
+    vertices = np.arange(n) * 10 if vertices is None else vertices
+    frames = [pd.DataFrame({"subject": subject, "model": "m", "checkpoint": checkpoint, "modality": "fmri",
+                            "vertex": vertices, "layer": LAYERS[li], "layer_depth": DEPTHS[li], "signal": signal,
+                            "score": scores[li].astype(np.float32), "significant": significant[li]})
+              for li in range(L)]
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_best_layer_per_vertex_subject_and_group_tables():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(L, 30))
+    sig = rng.uniform(size=(L, 30)) < 0.15
+    table = _subject_table(scores, sig).sample(frac=1.0, random_state=1)  # row order must not matter
+    out = best_layer_per_vertex(table, "forward")
+    expected = best_layer(scores, DEPTHS, sig)
+    keep = np.isfinite(expected)
+    assert keep.sum() < 30 and keep.sum() > 5
+    np.testing.assert_array_equal(out.vertex.to_numpy(), np.arange(30)[keep] * 10)
+    np.testing.assert_allclose(out.layer_depth.to_numpy(), expected[keep])
+    np.testing.assert_array_equal(out.layer.to_numpy(), np.array(LAYERS)[np.argmax(scores, 0)[keep]])
+    np.testing.assert_allclose(out.score.to_numpy(), scores.max(0)[keep].astype(np.float32))
+    assert (out.subject == 1).all() and (out.checkpoint == "it300").all()
+
+    # group table: vertex kept when n_significant >= threshold at some layer
+    n_sig = rng.integers(0, 4, size=(L, 30))
+    group = _subject_table(scores, sig).rename(columns={"score": "mean"}).drop(columns=["subject", "significant"])
+    group["n_significant"] = n_sig.ravel()
+    for thr in (1, 3):
+        out = best_layer_per_vertex(group, "forward", min_significant=thr)
+        exp = best_layer(scores, DEPTHS, n_sig >= thr)
+        np.testing.assert_array_equal(out.vertex.to_numpy(), np.flatnonzero(np.isfinite(exp)) * 10)
+        np.testing.assert_allclose(out.layer_depth.to_numpy(), exp[np.isfinite(exp)])
+
+
+def test_best_layer_per_vertex_residual_uses_forward_backprop_mask():
+    scores = np.zeros((L, 3))
+    scores[3, 0], scores[1, 1], scores[4, 2] = 1.0, 1.0, 1.0
+    fb_sig = np.zeros((L, 3), bool)
+    fb_sig[0, [0, 2]] = True
+    table = pd.concat([_subject_table(scores, np.zeros((L, 3), bool), "residual"),
+                       _subject_table(scores * 0, fb_sig, "forward+backprop")])
+    out = best_layer_per_vertex(table, "residual")
+    np.testing.assert_array_equal(out.vertex.to_numpy(), [0, 20])
+    np.testing.assert_allclose(out.layer_depth.to_numpy(), [DEPTHS[3], DEPTHS[4]])
+    # separate subjects are separate groups
+    two = pd.concat([_subject_table(scores, fb_sig, subject=1), _subject_table(-scores, fb_sig, subject=2)])
+    out = best_layer_per_vertex(two, "forward")
+    assert out.groupby("subject").size().to_dict() == {1: 2, 2: 2}
+    with pytest.raises(ValueError, match="signal='backprop'"):
+        best_layer_per_vertex(table, "backprop")
+
+
+# ---------------------------------------------------------------- ROIs
+
+ROIS = pd.DataFrame({"hemi": ["lh", "lh", "rh", "rh", "rh"], "roi": [1, 2, 1, 2, 3],
+                     "name": ["V1", "V2", "V1", "V2", "V3"], "dist_geodesic": [0.0, 10.0, 0.0, 12.0, 30.0]})
+
+
+def test_roi_means_by_hemisphere_ignoring_nan():
+    # V = 6 vertices per hemisphere
+    labels = np.array([1, 1, 2, 2, 0, 3, 1, 2, 2, 2, 3, 0])
+    values = np.array([1.0, 3.0, 5.0, np.nan, 100.0, 7.0, 2.0, 4.0, 6.0, 8.0, np.nan, 50.0])
+    out = roi_means(values, labels, ROIS)
+    # lh V1 {1, 3}; lh V2 {5} (NaN ignored); rh V1 {2}; rh V2 {4, 6, 8}; rh V3 only NaN
+    np.testing.assert_allclose(out["mean"].to_numpy(), [2.0, 5.0, 2.0, 6.0, np.nan])
+    np.testing.assert_array_equal(out["n"].to_numpy(), [2, 1, 1, 3, 0])
+    assert list(out.name) == list(ROIS.name) and "dist_geodesic" in out
+    with pytest.raises(ValueError, match="equal"):
+        roi_means(values[:-1], labels, ROIS)
+    with pytest.raises(ValueError, match="odd"):
+        roi_means(values[:-1], labels[:-1], ROIS)
+
+
+def test_best_encoded_rois_top_tercile():
+    rng = np.random.default_rng(3)
+    scores = rng.permutation(np.arange(9) / 10.0)
+    table = pd.DataFrame({"roi": np.arange(9), "mean": scores})
+    top = best_encoded_rois(table)
+    assert set(top["roi"]) == set(np.argsort(scores)[-3:])
+    # NaN ROIs are not eligible; 80 ROIs -> 27
+    table80 = pd.DataFrame({"roi": np.arange(82), "mean": np.r_[rng.normal(size=80), np.nan, np.nan]})
+    top = best_encoded_rois(table80)
+    assert len(top) == 27 and set(top.roi) == set(np.argsort(table80["mean"].to_numpy()[:80])[-27:])
+    assert len(best_encoded_rois(table, fraction=1.0)) == 9
+
+
+# ---------------------------------------------------------------- correlations
+
+def test_correlation_known_values_and_nan_pairs():
+    d = np.array([0.0, 10.0, 20.0, 30.0, 40.0, np.nan, 50.0])
+    k = np.array([0.0, 0.1, 0.5, 0.6, 0.9, 0.3, np.nan])
+    c = distance_layer_correlation(d, np.exp(k))  # monotone, not linear
+    assert c.n == 5 and c.rho == pytest.approx(1.0) and 0.9 < c.r < 1.0
+    ref = sps.pearsonr(d[:5], np.exp(k[:5]))
+    assert c.r == pytest.approx(ref.statistic) and c.p == pytest.approx(ref.pvalue)
+    c = correlation(d, -k)
+    assert c.rho == pytest.approx(-1.0) and c.r < 0
+    c = correlation([1.0, 2.0], [1.0, 2.0])
+    assert c.n == 2 and np.isnan(c.r)
+    assert set(c.as_dict()) == {"r", "p", "rho", "p_spearman", "n"}
+
+
+DEPTHS9 = np.arange(9) / 8
+
+
+def _synthetic_fmri(rng, n_per_hemi=40):
+    """Group table + ROIs where forward best layer grows with distance and backprop's decreases."""
+    n_rois = 9
+    rois = pd.DataFrame({"hemi": "lh", "roi": np.arange(1, n_rois + 1), "name": [f"R{i}" for i in range(n_rois)],
+                         "dist_geodesic": np.arange(n_rois) * 10.0})
+    labels = np.zeros(2 * n_per_hemi, np.int64)
+    labels[:36] = np.repeat(np.arange(1, n_rois + 1), 4)   # 4 lh vertices per ROI, rest unknown / rh
+    forward_level = np.repeat(rng.permutation(n_rois) / 10 + 0.2, 4)  # ROI forward scores, random order
+    frames = []
+    for signal, sign in (("forward", 1), ("backprop", -1)):
+        for li, depth in enumerate(DEPTHS9):  # 9 layers: ROI i is best encoded by layer i (forward)
+            pref = np.repeat(DEPTHS9 if sign > 0 else DEPTHS9[::-1], 4)
+            score = forward_level * (1 - (depth - pref) ** 2)
+            frames.append(pd.DataFrame({"model": "m", "checkpoint": "it10", "layer": f"b{li}",
+                                        "layer_depth": depth, "signal": signal, "vertex": np.arange(36),
+                                        "mean": score, "n_significant": 2, "n_subjects": 2}))
+    return pd.concat(frames, ignore_index=True), labels, rois, forward_level[::4]
+
+
+@pytest.mark.parametrize("method", ["vertex_mean", "roi_profile"])
+def test_spatial_score_recovers_planted_gradients(method):
+    group, labels, rois, level = _synthetic_fmri(np.random.default_rng(4))
+    fwd = spatial_score(group, labels, rois, "forward", method=method)
+    bwd = spatial_score(group, labels, rois, "backprop", method=method)
+    top3 = set(rois.roi.to_numpy()[np.argsort(level)[-3:]])
+    assert set(fwd.rois.roi[fwd.rois.selected]) == top3 == set(bwd.rois.roi[bwd.rois.selected])
+    assert fwd.correlation.n == 3 and fwd.correlation.rho == pytest.approx(1.0)
+    assert bwd.correlation.rho == pytest.approx(-1.0)
+    np.testing.assert_allclose(fwd.rois.best_layer.to_numpy(), DEPTHS9)
+    np.testing.assert_allclose(bwd.rois.best_layer.to_numpy(), DEPTHS9[::-1])
+    np.testing.assert_allclose(fwd.rois.forward_score.to_numpy(), level)
+    assert (fwd.rois.n == 4).all()
+
+
+# ---------------------------------------------------------------- MEG peaks
+
+def _meg_group(peaks, times, signal="forward", checkpoint="it300", amp=None):
+    frames = []
+    for li, tp in enumerate(peaks):
+        a = 1.0 if amp is None else amp[li]
+        mean = a * np.exp(-0.5 * ((times - tp) / 0.1) ** 2)
+        frames.append(pd.DataFrame({"model": "m", "checkpoint": checkpoint, "layer": LAYERS[li],
+                                    "layer_depth": DEPTHS[li], "signal": signal, "time": times, "mean": mean,
+                                    "sem": 0.01 + 0 * times, "n_subjects": 4, "t": mean, "pvalue": 1 - mean,
+                                    "pvalue_fdr": np.clip(1.1 - mean, 0, 1), "significant": mean > 0.5}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_peak_times_gaussian_and_temporal_score():
+    times = np.round(np.arange(-0.5, 3.0, 1 / 30), 6)  # 30 Hz, includes 0.3 s
+    peaks_true = times[[21, 23, 25, 27, 29]]  # 0.2 .. 0.466 s
+    group = _meg_group(peaks_true, times, amp=[0.1, 0.2, 0.3, 0.4, 0.5])
+    group = pd.concat([group, _meg_group(peaks_true[::-1], times, signal="backprop")])
+    peaks = peak_times(group, "forward")
+    np.testing.assert_allclose(peaks.peak_time, peaks_true)
+    np.testing.assert_allclose(peaks.peak_score, [0.1, 0.2, 0.3, 0.4, 0.5])
+    np.testing.assert_allclose(peaks.layer_depth, DEPTHS)
+    ts = temporal_score(peaks)
+    assert ts.r == pytest.approx(1.0) and ts.n == L
+    assert temporal_score(peak_times(group, "backprop")).r == pytest.approx(-1.0)
+    # a single Gaussian at 0.3 s, plus a larger bump before onset excluded by the window
+    one = _meg_group([0.3], times).iloc[:len(times)].copy()
+    one["mean"] += 2 * np.exp(-0.5 * ((times + 0.4) / 0.05) ** 2)
+    assert peak_times(one, "forward").peak_time.iloc[0] == pytest.approx(-0.4, abs=1e-6)
+    assert peak_times(one, "forward", tmin=0.0).peak_time.iloc[0] == pytest.approx(0.3)
+
+
+# ---------------------------------------------------------------- training dynamics
+
+def test_checkpoint_iteration():
+    assert checkpoint_iteration("it300") == 300 and checkpoint_iteration("it0") == 0
+    with pytest.raises(ValueError, match="it<iteration>"):
+        checkpoint_iteration("final")
+
+
+def test_half_time_exact_in_log_space():
+    # linear in log10(it + 1): interpolation is exact, half of the final at it = sqrt(F + 1) - 1
+    its = np.array([0, 9, 999, 4, 9999])
+    v = np.log10(its + 1) / 4.0
+    assert half_time(its, v) == pytest.approx(99.0)
+    # from the initial value: baseline 1 added -> same answer; without, target moves to 10**3 - 1
+    assert half_time(its, v + 1.0, from_initial=True) == pytest.approx(99.0)
+    assert half_time(its, v + 1.0) == pytest.approx(0.0)  # 50% of 2 = 1 reached at the first checkpoint
+    assert np.isnan(half_time(its, -v))
+    assert np.isnan(half_time([0, 10], [0.2, np.nan]))
+
+
+def test_half_time_saturating_exponential():
+    tau, T = 2000.0, 50_000.0
+    its = np.unique(np.round(np.geomspace(1, T, 4000)))
+    v = 1 - np.exp(-its / tau)
+    expected = -tau * np.log(1 - 0.5 * (1 - np.exp(-T / tau)))  # = tau * ln 2 up to e^-25
+    assert half_time(its, v) == pytest.approx(expected, rel=1e-4)
+    assert half_time(its, v, fraction=0.9) == pytest.approx(-tau * np.log(0.1), rel=1e-4)
+
+
+def test_half_times_per_group():
+    its = [0, 9, 99, 999, 9999]
+    rows = [{"signal": s, "checkpoint": f"it{i}", "score": np.log10(i + 1) / 4 * (1 if s == "forward" else 2)}
+            for s in ("forward", "backprop") for i in its]
+    out = half_times(pd.DataFrame(rows), "score", by=["signal"])
+    np.testing.assert_allclose(out.set_index("signal").half_time.loc[["forward", "backprop"]], [99.0, 99.0])
+    np.testing.assert_allclose(out.set_index("signal")["final"].loc[["forward", "backprop"]], [1.0, 2.0])
+
+
+# ---------------------------------------------------------------- summary scores
+
+def test_stars():
+    assert [stars(p) for p in (0.2, 0.05, 0.049, 0.0099, 0.0009, np.nan)] == ["", "", "*", "**", "***", ""]
+
+
+def test_meg_summary_last_layer_max():
+    times = np.round(np.arange(-0.5, 3.0, 1 / 30), 6)
+    group = _meg_group(times[[21, 23, 25, 27, 29]], times, amp=[0.1, 0.2, 0.3, 0.4, 0.5])
+    out = meg_summary(group)
+    assert len(out) == 1 and out.layer.iloc[0] == LAYERS[-1]
+    assert out.score.iloc[0] == pytest.approx(0.5) and out.peak_time.iloc[0] == pytest.approx(times[29])
+    assert out.pvalue.iloc[0] == pytest.approx(0.6) and out.stars.iloc[0] == ""
+    out = meg_summary(group, layer=LAYERS[1])
+    assert out.score.iloc[0] == pytest.approx(0.2) and out.pvalue.iloc[0] == pytest.approx(0.9)
+
+
+def test_fmri_summary_mean_over_significant_and_subject_ttest():
+    rng = np.random.default_rng(5)
+    n_sub, n_v = 4, 6
+    per = rng.normal(0.2, 0.05, size=(n_sub, n_v))
+    sig = np.array([True, True, False, True, False, False])
+    frames = []
+    for s in range(n_sub):
+        for signal, scale in (("forward", 1.0), ("forward+backprop", 1.5), ("residual", 0.5)):
+            frames.append(pd.DataFrame({"subject": s + 1, "model": "m", "checkpoint": "it300", "layer": LAYERS[-1],
+                                        "layer_depth": 1.0, "signal": signal, "vertex": np.arange(n_v),
+                                        "score": per[s] * scale,
+                                        "significant": sig & (signal != "residual")}))
+    subjects = pd.concat(frames, ignore_index=True)
+    group = (subjects.groupby(["model", "checkpoint", "layer", "layer_depth", "signal", "vertex"])
+             .agg(mean=("score", "mean"), n_significant=("significant", "sum"), n_subjects=("score", "count"))
+             .reset_index())
+    out = fmri_summary(group, subjects).set_index("signal")
+    for signal, scale in (("forward", 1.0), ("forward+backprop", 1.5), ("residual", 0.5)):
+        # residual vertices come from forward+backprop significance (its own is never tested)
+        assert out.loc[signal, "score"] == pytest.approx(per[:, sig].mean() * scale)
+        assert out.loc[signal, "n_vertices"] == 3
+        subj_means = per[:, sig].mean(1) * scale
+        ref = sps.ttest_1samp(subj_means, 0, alternative="greater")
+        assert out.loc[signal, "pvalue"] == pytest.approx(ref.pvalue)
+        assert out.loc[signal, "sem"] == pytest.approx(sps.sem(subj_means))
+    assert out.loc["forward", "stars"] == "***"
+    no_subj = fmri_summary(group, min_significant=n_sub + 1)
+    assert no_subj.n_vertices.eq(0).all() and no_subj.score.isna().all() and no_subj.pvalue.isna().all()
+
+    times = np.round(np.arange(0, 1, 0.1), 6)
+    both = summary_scores(_meg_group([0.3] * L, times, checkpoint="it300"), group, subjects)
+    assert both.modality.value_counts().to_dict() == {"fmri": 3, "meg": 1}
+
+
+def test_vertex_array():
+    np.testing.assert_array_equal(vertex_array([3, 0], [1.5, 2.0], 5), [2.0, np.nan, np.nan, 1.5, np.nan])
+    with pytest.raises(ValueError, match="duplicate"):
+        vertex_array([1, 1], [0.0, 1.0], 5)
+    with pytest.raises(ValueError, match="lie in"):
+        vertex_array([5], [0.0], 5)
