@@ -1,0 +1,296 @@
+"""Statistics of encoding scores (paper section 2.1, "Statistics").
+
+* fMRI: per-vertex permutation null of the split-averaged Pearson r (paper: 1000 shuffles),
+  empirical p-values with the +1 correction, Benjamini-Hochberg FDR over vertices.
+* MEG: per time point, one-sample one-tailed t-test across subjects of the channel-averaged
+  score, Benjamini-Hochberg FDR over time points.
+
+See ``docs/statistics.md`` for the floor ``1/(N+1)`` that N shuffles put on p-values, what it
+implies for BH-FDR over 327,684 vertices, and the Gaussian-tail alternative implemented here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats as sps
+
+from brainprop import encoding
+from brainprop.utils import get_logger
+
+log = get_logger(__name__)
+
+PERMUTATION_METHODS = ("refit", "shuffle_predictions")
+
+
+def fdr_bh(pvalues, q: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """Benjamini-Hochberg false discovery rate control.
+
+    Equals ``statsmodels.stats.multitest.fdrcorrection(p, alpha=q)`` on the non-NaN entries;
+    NaN p-values are left out of the family (never rejected, adjusted p-value NaN).
+
+    Parameters
+    ----------
+    pvalues : array-like, any shape
+        p-values in [0, 1] (NaN allowed).
+    q : float
+        Target false discovery rate, in (0, 1).
+
+    Returns
+    -------
+    reject : ndarray of bool, same shape
+        True where the null hypothesis is rejected at FDR ``q``.
+    p_adjusted : ndarray of float64, same shape
+        BH-adjusted p-values (NaN where the input is NaN).
+    """
+    if not 0 < q < 1:
+        raise ValueError(f"q must be in (0, 1), got {q}")
+    p = np.asarray(pvalues, dtype=np.float64)
+    ok = ~np.isnan(p)
+    if np.any((p[ok] < 0) | (p[ok] > 1)):
+        raise ValueError("p-values must lie in [0, 1]")
+    reject = np.zeros(p.shape, dtype=bool)
+    adjusted = np.full(p.shape, np.nan)
+    if not ok.all():
+        log.info("fdr_bh: %d of %d p-values are NaN and left out of the family", int((~ok).sum()), p.size)
+    pv = p[ok]
+    m = pv.size
+    if m == 0:
+        return reject, adjusted
+    order = np.argsort(pv)
+    p_sorted = pv[order]
+    ecdf = np.arange(1, m + 1) / m
+    rej = p_sorted <= ecdf * q
+    if rej.any():
+        rej[: np.nonzero(rej)[0].max()] = True
+    adj = np.minimum.accumulate((p_sorted / ecdf)[::-1])[::-1]
+    adj[adj > 1] = 1.0
+    rej_out, adj_out = np.empty(m, dtype=bool), np.empty(m)
+    rej_out[order], adj_out[order] = rej, adj
+    reject[ok], adjusted[ok] = rej_out, adj_out
+    return reject, adjusted
+
+
+def permutation_pvalues(observed, null) -> np.ndarray:
+    """Empirical one-sided permutation p-values with the +1 correction.
+
+    ``p = (1 + #{null >= observed}) / (N + 1)`` per target, so ``p >= 1 / (N + 1)``. A NaN null
+    value (shuffle whose prediction was constant) counts as exceeding the observed value
+    (conservative); a NaN observed value gives a NaN p-value.
+
+    Parameters
+    ----------
+    observed : ndarray, shape (n_targets,)
+        Split-averaged Pearson r of the unshuffled data.
+    null : ndarray, shape (n_permutations, n_targets)
+        Split-averaged Pearson r of each shuffle.
+
+    Returns
+    -------
+    ndarray, shape (n_targets,), float64
+    """
+    observed, null = np.asarray(observed, dtype=np.float64), np.asarray(null, dtype=np.float64)
+    if null.ndim != 2 or null.shape[1:] != observed.shape:
+        raise ValueError(f"null must have shape (n_permutations, {observed.shape}), got {null.shape}")
+    nan_null = np.isnan(null) & ~np.isnan(observed)
+    if nan_null.any():
+        log.warning("%d null scores (in %d targets) are NaN (constant shuffled prediction): counted as "
+                    "exceeding the observed score", int(nan_null.sum()), int(nan_null.any(0).sum()))
+    exceed = (null >= observed) | np.isnan(null)
+    p = (1.0 + exceed.sum(0)) / (null.shape[0] + 1.0)
+    p[np.isnan(observed)] = np.nan
+    return p
+
+
+def pooled_permutation_pvalues(observed, null) -> np.ndarray:
+    """Permutation p-values against the null pooled over all targets (a documented alternative).
+
+    ``p_t = (1 + #{(k, u): null[k, u] >= observed[t]}) / (N * T' + 1)`` with T' the targets of finite
+    null, so ``p >= 1 / (N T' + 1)``: a few shuffles of many targets resolve small p-values. Valid when
+    the targets share one null distribution, as z-scored vertices encoded from the same features
+    approximately do (the null of r depends on X and the number of images, not on the target).
+    NaN observed values give NaN p-values.
+
+    Parameters
+    ----------
+    observed : ndarray, shape (n_targets,)
+    null : ndarray, shape (n_permutations, n_targets)
+
+    Returns
+    -------
+    ndarray, shape (n_targets,), float64
+    """
+    observed, null = np.asarray(observed, dtype=np.float64), np.asarray(null, dtype=np.float64)
+    if null.ndim != 2 or null.shape[1:] != observed.shape:
+        raise ValueError(f"null must have shape (n_permutations, {observed.shape}), got {null.shape}")
+    pool = np.sort(null[np.isfinite(null)])
+    exceed = pool.size - np.searchsorted(pool, observed, side="left")
+    p = (1.0 + exceed) / (pool.size + 1.0)
+    p[np.isnan(observed)] = np.nan
+    return p
+
+
+def gaussian_tail_pvalues(observed, null) -> np.ndarray:
+    """Parametric (Gaussian-tail) permutation p-values: NOT the paper's method, an alternative.
+
+    Fits a normal distribution to each target's permutation null (mean, SD with ddof=1) and
+    returns its upper tail at the observed score, ``p = 1 - Phi((r_obs - mean) / sd)``. Unlike
+    :func:`permutation_pvalues` these are not floored at ``1/(N+1)``, which is what BH-FDR over
+    hundreds of thousands of vertices needs; they rely on the null of a split-averaged r over
+    many held-out images being close to Gaussian (see docs/statistics.md).
+
+    Parameters
+    ----------
+    observed : ndarray, shape (n_targets,)
+    null : ndarray, shape (n_permutations, n_targets); at least 2 finite values per target.
+
+    Returns
+    -------
+    ndarray, shape (n_targets,), float64 (NaN where observed or the null is undefined)
+    """
+    observed, null = np.asarray(observed, dtype=np.float64), np.asarray(null, dtype=np.float64)
+    if null.ndim != 2 or null.shape[1:] != observed.shape:
+        raise ValueError(f"null must have shape (n_permutations, {observed.shape}), got {null.shape}")
+    finite = np.isfinite(null)
+    count = finite.sum(0)
+    valid = (count >= 2) & np.isfinite(observed)
+    mu, sd = np.full(observed.shape, np.nan), np.full(observed.shape, np.nan)
+    nz = np.where(finite, null, 0.0)
+    mu[valid] = nz[:, valid].sum(0) / count[valid]
+    sd[valid] = np.sqrt((np.where(finite, null - mu, 0.0)[:, valid] ** 2).sum(0) / (count[valid] - 1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = sps.norm.sf((observed - mu) / sd)
+    p[~(sd > 0)] = np.nan
+    return p
+
+
+@dataclass
+class PermutationResult:
+    """Permutation test of encoding scores.
+
+    Attributes
+    ----------
+    observed : ndarray (n_targets,)
+        Split-averaged Pearson r of the unshuffled data.
+    null : ndarray (n_permutations, n_targets)
+        Split-averaged r of each shuffle.
+    pvalues : ndarray (n_targets,)
+        Empirical p-values ``(1 + #{null >= observed}) / (N + 1)`` (the paper's).
+    pvalues_gaussian : ndarray (n_targets,)
+        Gaussian-tail p-values (alternative, see :func:`gaussian_tail_pvalues`).
+    invalid : ndarray (n_targets,) bool
+        Constant or non-finite targets (NaN everywhere).
+    method : str
+        "refit" or "shuffle_predictions".
+    """
+
+    observed: np.ndarray
+    null: np.ndarray
+    pvalues: np.ndarray
+    pvalues_gaussian: np.ndarray
+    invalid: np.ndarray
+    method: str
+
+
+def permutation_test(X, Y, alphas, n_permutations: int = 1000, method: str = "refit",
+                     permutation_seed: int = 0, **encoding_kwargs) -> PermutationResult:
+    """Per-target permutation null of the split-averaged encoding score.
+
+    Parameters
+    ----------
+    X : ndarray, shape (n_images, n_features)
+    Y : ndarray, shape (n_images, n_targets)
+    alphas : array-like
+        As in :func:`brainprop.encoding.cross_validated_ridge`.
+    n_permutations : int
+        Number of shuffles N (paper: 1000); p-values are at least ``1/(N+1)``.
+    method : {"refit", "shuffle_predictions"}
+        "refit": shuffle the image labels (rows) of ``Y`` and rerun the whole procedure (same
+        outer splits, alpha selection included); the per-split decompositions of X are reused.
+        "shuffle_predictions": fit once, then shuffle the held-out predictions against the
+        held-out data within each split (much cheaper; conditional on the fitted models).
+    permutation_seed : int
+        Seed of the shuffles (``numpy.random.default_rng``).
+    **encoding_kwargs
+        n_splits, seed (outer KFold), inner_cv, standardize, device, dtype, memory_budget,
+        progress: as in :func:`brainprop.encoding.cross_validated_ridge`.
+
+    Returns
+    -------
+    PermutationResult
+    """
+    if method not in PERMUTATION_METHODS:
+        raise ValueError(f"method must be one of {PERMUTATION_METHODS}, got {method!r}")
+    if int(n_permutations) < 1:
+        raise ValueError(f"n_permutations must be >= 1, got {n_permutations}")
+    n_samples = np.shape(X)[0]
+    if method == "refit":
+        perms = encoding.row_permutations(n_samples, int(n_permutations), permutation_seed)
+        observed, null, invalid = encoding.refit_null_scores(X, Y, alphas, perms, **encoding_kwargs)
+    else:
+        log.warning("shuffle_predictions: this null is narrower than the actual null of the split-averaged "
+                    "score (anti-conservative p-values); use method='refit' for inference (docs/statistics.md)")
+        splits = encoding.kfold_splits(n_samples, encoding_kwargs.get("n_splits", 5), encoding_kwargs.get("seed", 0))
+        perms = encoding.split_permutations([te for _, te in splits], int(n_permutations), permutation_seed)
+        observed, null, invalid = encoding.shuffled_prediction_null_scores(X, Y, alphas, perms, **encoding_kwargs)
+    return PermutationResult(observed=observed, null=null, pvalues=permutation_pvalues(observed, null),
+                             pvalues_gaussian=gaussian_tail_pvalues(observed, null), invalid=invalid,
+                             method=method)
+
+
+@dataclass
+class TimeResolvedTest:
+    """One-sample one-tailed t-test across subjects at each time point, with BH-FDR over time.
+
+    Attributes
+    ----------
+    t : ndarray (n_times,)
+        t statistic of the mean score against 0.
+    pvalues : ndarray (n_times,)
+        One-tailed p-values (alternative: mean > 0).
+    pvalues_fdr : ndarray (n_times,)
+        BH-adjusted p-values over time points.
+    significant : ndarray (n_times,) bool
+        ``pvalues_fdr``-based rejections at FDR ``q``.
+    """
+
+    t: np.ndarray
+    pvalues: np.ndarray
+    pvalues_fdr: np.ndarray
+    significant: np.ndarray
+
+
+def ttest_across_subjects(scores, q: float = 0.05) -> TimeResolvedTest:
+    """MEG statistics: per time point, is the (channel-averaged) encoding score > 0 across subjects?
+
+    Equals ``scipy.stats.ttest_1samp(scores, 0, axis=0, alternative="greater")``, followed by
+    :func:`fdr_bh` over time points. A time point with a NaN score in any subject gets NaN
+    t and p (as scipy's default ``nan_policy="propagate"``) and is left out of the FDR family.
+
+    Parameters
+    ----------
+    scores : ndarray, shape (n_subjects, n_times)
+        Encoding score (Pearson r, averaged over splits and channels) per subject and time.
+    q : float
+        FDR level.
+
+    Returns
+    -------
+    TimeResolvedTest
+    """
+    x = np.asarray(scores, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"scores must have shape (n_subjects >= 2, n_times), got {x.shape}")
+    n = x.shape[0]
+    mean = x.mean(0)
+    sd = x.std(0, ddof=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = mean / (sd / np.sqrt(n))
+    p = sps.t.sf(t, df=n - 1)
+    significant, p_fdr = fdr_bh(p, q)
+    return TimeResolvedTest(t=t, pvalues=p, pvalues_fdr=p_fdr, significant=significant)
+
+
+__all__ = ["fdr_bh", "permutation_pvalues", "gaussian_tail_pvalues", "permutation_test", "PermutationResult",
+           "ttest_across_subjects", "TimeResolvedTest", "PERMUTATION_METHODS"]
