@@ -13,6 +13,7 @@ include: "rules/stimuli.smk"
 include: "rules/training.smk"
 include: "rules/features.smk"
 include: "rules/brain.smk"
+include: "rules/encoding.smk"
 
 
 rule all:
@@ -20,3 +21,4 @@ rule all:
     input:
         all_feature_targets(),
         brain_targets(),
+        encoding_targets(),

@@ -130,3 +130,42 @@ def brain_targets():
         + [f"{RESULTS}/brain/meg/sub-BIGMEG{s}/data.npy" for s in config["meg"]["subjects"]]
         + [f"{RESULTS}/brain/nsd/rois.parquet"]
     )
+
+
+ENCODING_ARRAYS = ["scores", "split_scores", "alphas", "pvalues"]
+
+
+def _pca_features(wildcards, dataset):
+    folder = feature_dir("pca", wildcards.model, wildcards.checkpoint, dataset)
+    return [f"{folder}/{layer}.{s}.npy" for layer in LAYERS for s in ("forward", "backprop")] + [f"{folder}/index.parquet"]
+
+
+def nsd_pca_features(wildcards):
+    """PCA features of the NSD images for a model checkpoint."""
+    return _pca_features(wildcards, "nsd")
+
+
+def things_pca_features(wildcards):
+    """PCA features of the THINGS images for a model checkpoint."""
+    return _pca_features(wildcards, "things")
+
+
+def encoding_keys(wildcards):
+    """Key columns of the tidy score tables."""
+    return {"subject": int(wildcards.subject), "model": wildcards.model, "checkpoint": wildcards.checkpoint}
+
+
+def meg_subject_scores(wildcards):
+    return [f"{RESULTS}/encoding/meg/{wildcards.model}/{wildcards.checkpoint}/sub-BIGMEG{s}/scores.parquet"
+            for s in config["meg"]["subjects"]]
+
+
+def fmri_subject_scores(wildcards):
+    return [f"{RESULTS}/encoding/fmri/{wildcards.model}/{wildcards.checkpoint}/subj{s:02d}/scores.parquet"
+            for s in config["nsd"]["subjects"]]
+
+
+def encoding_targets():
+    """Group statistics of every (modality, model, checkpoint)."""
+    return [f"{RESULTS}/encoding/{modality}/{m}/{c}/group.parquet"
+            for modality in ("fmri", "meg") for m in config["models"] for c in checkpoints_of(m)]

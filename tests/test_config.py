@@ -72,7 +72,7 @@ def snakemake(*args):
 
 
 def test_demo_dag_builds():
-    out = snakemake("-n", "--quiet", "rules")
+    out = snakemake("-n", "--forceall", "--quiet", "rules")
     assert out.returncode == 0, out.stderr
     assert "train_dino" in out.stdout and "extract_features" in out.stdout
 

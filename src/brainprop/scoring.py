@@ -1,0 +1,194 @@
+"""Encoding scores of every (layer, signal) for one subject and checkpoint, and their group statistics.
+
+Signals, per layer (PCA components sorted by variance, so the first k columns are the
+k-component projection):
+
+* ``forward``: R(forward[:, :dim])
+* ``backprop``: R(backprop[:, :dim])
+* ``forward+backprop``: R(forward[:, :residual_dim] ++ backprop[:, :residual_dim])
+* ``residual``: R(forward+backprop) - R(forward), the paper's residual backprop.
+
+R is the split-averaged Pearson r of :func:`brainprop.encoding.cross_validated_ridge`.
+fMRI targets are vertices (their index among the 2 x V fsaverage vertices, lh then rh);
+MEG targets are (channel, time) pairs, channel-averaged for the time courses.
+
+Statistics: fMRI, a per-vertex permutation null (``encoding.permutation``) with BH-FDR across
+vertices for the three fitted signals; MEG, the paper's one-sample one-tailed t-test across
+subjects per time point with BH-FDR across time points (:func:`group_meg`), for all four
+signals including the residual.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from brainprop.brain.align import reorder_rows
+from brainprop.encoding import cross_validated_ridge
+from brainprop.simulate.effects import layer_depths
+from brainprop.stats import fdr_bh, permutation_test, pooled_permutation_pvalues, ttest_across_subjects
+from brainprop.utils import get_logger, save_npy_atomic, save_parquet_atomic
+
+log = get_logger(__name__)
+
+FITTED = ("forward", "backprop", "forward+backprop")
+SIGNALS = (*FITTED, "residual")
+
+
+def alphas_from_config(encoding: dict) -> np.ndarray:
+    a = encoding["alphas"]
+    return np.logspace(a["log10_min"], a["log10_max"], a["n"])
+
+
+def load_features(feature_dir: str | os.PathLike, layers: Sequence[str], image_ids: Sequence[str]) -> dict:
+    """{(layer, signal): (n_images, dims)} for ``signal`` in forward/backprop, rows in the order of ``image_ids``."""
+    index = pd.read_parquet(os.path.join(feature_dir, "index.parquet")).image_id.to_numpy()
+    return {(layer, sig): reorder_rows(np.load(os.path.join(feature_dir, f"{layer}.{sig}.npy")), index, image_ids,
+                                       what=f"{feature_dir}/{layer}.{sig}.npy")
+            for layer in layers for sig in ("forward", "backprop")}
+
+
+def score_subject(features: dict, layers: Sequence[str], Y: np.ndarray, encoding: dict, dim: int,
+                  residual_dim: int, seed: int, permutations: int = 0) -> dict[str, np.ndarray]:
+    """Encode ``Y`` (n_images, n_targets) from every layer and signal.
+
+    Returns arrays ``scores`` (L, 4, T) split-averaged r (residual included), ``split_scores``
+    (L, 3, S, T), ``alphas`` (L, 3, S, T) and, with ``permutations > 0``, ``pvalues`` (L, 3, T)
+    (NaN otherwise).
+    """
+    alphas = alphas_from_config(encoding)
+    kw = dict(n_splits=encoding["n_splits"], seed=seed, inner_cv=encoding["inner_cv"],
+              standardize=encoding["standardize"], dtype=encoding["dtype"],
+              memory_budget=int(encoding["memory_budget_mb"] * 2**20), progress=False)
+    n_layers, n_targets, n_splits = len(layers), Y.shape[1], encoding["n_splits"]
+    out = {"scores": np.full((n_layers, 4, n_targets), np.nan, np.float32),
+           "split_scores": np.full((n_layers, 3, n_splits, n_targets), np.nan, np.float32),
+           "alphas": np.full((n_layers, 3, n_splits, n_targets), np.nan, np.float32),
+           "pvalues": np.full((n_layers, 3, n_targets), np.nan, np.float32)}
+    for li, layer in enumerate(tqdm(layers, desc="encoding", unit="layer")):
+        fwd, bwd = features[(layer, "forward")], features[(layer, "backprop")]
+        inputs = {"forward": fwd[:, :dim], "backprop": bwd[:, :dim],
+                  "forward+backprop": np.concatenate([fwd[:, :residual_dim], bwd[:, :residual_dim]], axis=1)}
+        for si, signal in enumerate(FITTED):
+            res = cross_validated_ridge(inputs[signal], Y, alphas, **kw)
+            out["split_scores"][li, si], out["alphas"][li, si] = res.scores, res.alphas
+            out["scores"][li, si] = res.mean_scores
+            if permutations:
+                perm = permutation_test(inputs[signal], Y, alphas, n_permutations=permutations,
+                                        method=encoding["permutation"]["method"],
+                                        permutation_seed=seed + 1 + li * 3 + si, **kw)
+                pooled = encoding["permutation"]["null_distribution"] == "pooled"
+                out["pvalues"][li, si] = pooled_permutation_pvalues(perm.observed, perm.null) if pooled else perm.pvalues
+        out["scores"][li, 3] = out["scores"][li, 2] - out["scores"][li, 0]
+    return out
+
+
+def _tidy(arrays: dict, layers: Sequence[str], targets: pd.DataFrame, keys: dict, q: float) -> pd.DataFrame:
+    """Long table: one row per (layer, signal, target) with score, alpha (median over splits), p, FDR."""
+    frames = []
+    depths = layer_depths(len(layers))
+    for li, layer in enumerate(layers):
+        for si, signal in enumerate(SIGNALS):
+            df = targets.copy()
+            df["layer"], df["layer_depth"], df["signal"] = layer, depths[li], signal
+            df["score"] = arrays["scores"][li, si]
+            if si < 3:
+                df["alpha"] = np.nanmedian(arrays["alphas"][li, si], axis=0) if np.isfinite(
+                    arrays["alphas"][li, si]).any() else np.nan
+                p = arrays["pvalues"][li, si].astype(np.float64)
+                reject, p_fdr = fdr_bh(p, q) if np.isfinite(p).any() else (np.zeros(len(p), bool), p)
+                df["pvalue"], df["pvalue_fdr"], df["significant"] = p, p_fdr, reject
+            else:
+                df["alpha"], df["pvalue"], df["pvalue_fdr"], df["significant"] = np.nan, np.nan, np.nan, False
+            frames.append(df)
+    table = pd.concat(frames, ignore_index=True)
+    for k, v in reversed(list(keys.items())):
+        table.insert(0, k, v)
+    return table
+
+
+def encode_nsd_subject(feature_dir, layers, betas, images, mask, out_dir, encoding: dict, dim: int,
+                       residual_dim: int, seed: int, keys: dict) -> pd.DataFrame:
+    """Rule entry point (fMRI): score one NSD subject; writes ``{out_dir}/{scores,split_scores,alphas,pvalues}.npy``
+    and ``{out_dir}/scores.parquet``; targets are the kept vertices (``vertex`` = index among 2 x V)."""
+    image_ids = pd.read_parquet(images).image_id.to_numpy()
+    Y = np.load(betas, mmap_mode="r")
+    vertices = np.flatnonzero(np.load(mask))
+    if Y.shape != (len(image_ids), len(vertices)):
+        raise ValueError(f"{betas}: shape {Y.shape}, expected ({len(image_ids)} images, {len(vertices)} kept vertices)")
+    features = load_features(feature_dir, layers, image_ids)
+    perm = encoding["permutation"]
+    n_perm = perm["n"] if "nsd" in perm["modalities"] else 0
+    arrays = score_subject(features, layers, Y, encoding, dim, residual_dim, seed, n_perm)
+    return _write(arrays, layers, pd.DataFrame({"vertex": vertices}), keys | {"modality": "fmri"}, out_dir,
+                  encoding["fdr_q"])
+
+
+def encode_meg_subject(feature_dir, layers, data, images, times, out_dir, encoding: dict, dim: int,
+                       residual_dim: int, seed: int, keys: dict) -> pd.DataFrame:
+    """Rule entry point (MEG): score one THINGS-MEG subject, each (channel, time) a target; writes the arrays
+    (targets = channels x times, channel-major) and ``scores.parquet`` with ``channel`` and ``time`` columns."""
+    from brainprop.brain.meg import read_meg_table
+
+    table, meta = read_meg_table(images)
+    X = np.load(data, mmap_mode="r")
+    t = np.load(times)
+    n_img, n_ch, n_t = X.shape
+    if n_img != len(table) or n_t != len(t):
+        raise ValueError(f"{data}: shape {X.shape} does not match {len(table)} images in {images} and {len(t)} times")
+    features = load_features(feature_dir, layers, table.image_id.to_numpy())
+    perm = encoding["permutation"]
+    n_perm = perm["n"] if "meg" in perm["modalities"] else 0
+    arrays = score_subject(features, layers, np.asarray(X).reshape(n_img, n_ch * n_t), encoding, dim,
+                           residual_dim, seed, n_perm)
+    channels = meta.get("channels", [str(c) for c in range(n_ch)])
+    targets = pd.DataFrame({"channel": np.repeat(channels, n_t), "time": np.tile(t, n_ch)})
+    return _write(arrays, layers, targets, keys | {"modality": "meg"}, out_dir, encoding["fdr_q"])
+
+
+def _write(arrays, layers, targets, keys, out_dir, q) -> pd.DataFrame:
+    for name, arr in arrays.items():
+        save_npy_atomic(os.path.join(out_dir, f"{name}.npy"), arr)
+    table = _tidy(arrays, layers, targets, keys, q)
+    save_parquet_atomic(table, os.path.join(out_dir, "scores.parquet"))
+    log.info("wrote %d rows of scores to %s", len(table), out_dir)
+    return table
+
+
+def group_meg(score_tables: Sequence[str | os.PathLike], out: str | os.PathLike, q: float) -> pd.DataFrame:
+    """Rule entry point: channel-average each subject's MEG scores, then per (layer, signal) and time the
+    across-subject mean, SEM, one-sample one-tailed t-test and BH-FDR over time points."""
+    per_subject = pd.concat([pd.read_parquet(p, columns=["subject", "model", "checkpoint", "layer", "layer_depth",
+                                                          "signal", "time", "score"]) for p in score_tables])
+    courses = per_subject.groupby(["model", "checkpoint", "layer", "layer_depth", "signal", "time", "subject"],
+                                  sort=True).score.mean().rename("score").reset_index()
+    rows = []
+    for key, g in courses.groupby(["model", "checkpoint", "layer", "layer_depth", "signal"], sort=False):
+        wide = g.pivot(index="subject", columns="time", values="score")
+        test = ttest_across_subjects(wide.to_numpy(), q=q)
+        n = wide.shape[0]
+        rows.append(pd.DataFrame({
+            **dict(zip(["model", "checkpoint", "layer", "layer_depth", "signal"], key)),
+            "time": wide.columns.to_numpy(), "mean": wide.mean(0).to_numpy(),
+            "sem": wide.std(0, ddof=1).to_numpy() / np.sqrt(n) if n > 1 else np.nan, "n_subjects": n,
+            "t": test.t, "pvalue": test.pvalues, "pvalue_fdr": test.pvalues_fdr, "significant": test.significant}))
+    group = pd.concat(rows, ignore_index=True)
+    save_parquet_atomic(group, out)
+    return group
+
+
+def group_fmri(score_tables: Sequence[str | os.PathLike], out: str | os.PathLike) -> pd.DataFrame:
+    """Rule entry point: per (layer, signal, vertex) the across-subject mean score and the number of subjects
+    in which the vertex is significant (permutation + FDR) and in which it was analysed."""
+    per_subject = pd.concat([pd.read_parquet(p, columns=["subject", "model", "checkpoint", "layer", "layer_depth",
+                                                          "signal", "vertex", "score", "significant"])
+                             for p in score_tables])
+    group = (per_subject.groupby(["model", "checkpoint", "layer", "layer_depth", "signal", "vertex"], sort=True)
+             .agg(mean=("score", "mean"), n_significant=("significant", "sum"), n_subjects=("score", "count"))
+             .reset_index())
+    save_parquet_atomic(group, out)
+    return group

@@ -1,0 +1,128 @@
+"""Scoring of (layer, signal) per subject: residual definition, planted-effect recovery, tidy tables, group stats."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from brainprop.brain.meg import write_meg_table
+from brainprop.encoding import cross_validated_ridge
+from brainprop.scoring import encode_meg_subject, encode_nsd_subject, group_fmri, group_meg, score_subject
+
+LAYERS = ["l0", "l1"]
+ENCODING = {"alphas": {"log10_min": 0, "log10_max": 4, "n": 5}, "n_splits": 3, "inner_cv": "loo",
+            "standardize": True, "dtype": "float64", "memory_budget_mb": 64, "fdr_q": 0.05,
+            "permutation": {"n": 30, "method": "refit", "null_distribution": "per_target", "modalities": ["nsd"]}}
+
+
+def planted(n=240, d=10, seed=0):
+    """Features of 2 layers; target 0 reads forward l0, target 1 reads backprop l1 (orthogonal to forward), target 2 noise."""
+    rng = np.random.default_rng(seed)
+    feats = {(layer, s): rng.normal(size=(n, d)) for layer in LAYERS for s in ("forward", "backprop")}
+    y = np.stack([feats[("l0", "forward")][:, 0] + 0.5 * rng.normal(size=n),
+                  feats[("l1", "backprop")][:, 0] + 0.5 * rng.normal(size=n),
+                  rng.normal(size=n)], axis=1)
+    return feats, y
+
+
+def test_residual_is_joint_minus_forward_and_recovers_planted_backprop():
+    feats, y = planted()
+    out = score_subject(feats, LAYERS, y, ENCODING, dim=6, residual_dim=3, seed=0)
+    s = out["scores"]
+    np.testing.assert_allclose(s[:, 3], s[:, 2] - s[:, 0], atol=1e-6)
+    ref = cross_validated_ridge(feats[("l1", "backprop")][:, :6], y, np.logspace(0, 4, 5), n_splits=3, seed=0,
+                                dtype="float64", progress=False)
+    np.testing.assert_allclose(s[1, 1], ref.mean_scores, atol=1e-6)
+    assert s[0, 0, 0] > 0.8 and s[1, 0, 0] < 0.2  # forward target: layer 0 forward only
+    assert s[1, 1, 1] > 0.8 and s[1, 3, 1] > 0.5  # backprop target: backprop and residual of layer 1
+    assert abs(s[0, 3, 0]) < 0.05  # forward target: no residual beyond forward
+    assert np.all(np.abs(s[:, :, 2]) < 0.2)  # noise target
+    assert np.isnan(out["pvalues"]).all()  # no permutations asked
+
+
+def test_nsd_subject_tables_with_permutations(tmp_path):
+    feats, y = planted()
+    ids = [f"nsd{i:05d}" for i in range(y.shape[0])]
+    fdir = tmp_path / "features"
+    fdir.mkdir()
+    order = np.random.default_rng(1).permutation(len(ids))  # features stored in another order than the brain rows
+    for (layer, s), x in feats.items():
+        np.save(fdir / f"{layer}.{s}.npy", x[order].astype(np.float32))
+    pd.DataFrame({"image_id": np.array(ids)[order]}).to_parquet(fdir / "index.parquet")
+    mask = np.zeros(10, bool)
+    mask[[1, 4, 7]] = True
+    np.save(tmp_path / "betas.npy", y.astype(np.float32))
+    np.save(tmp_path / "mask.npy", mask)
+    pd.DataFrame({"image_id": ids}).to_parquet(tmp_path / "images.parquet")
+    keys = {"subject": 1, "model": "m", "checkpoint": "it0"}
+    encoding = {**ENCODING, "permutation": {**ENCODING["permutation"], "n": 99}}
+    table = encode_nsd_subject(fdir, LAYERS, tmp_path / "betas.npy", tmp_path / "images.parquet",
+                               tmp_path / "mask.npy", tmp_path / "out", encoding, 6, 3, 0, keys)
+    assert len(table) == 2 * 4 * 3 and set(table.vertex) == {1, 4, 7}
+    assert (table.modality == "fmri").all() and (table.subject == 1).all()
+    fwd0 = table[(table.layer == "l0") & (table.signal == "forward")].set_index("vertex")
+    # the planted target beats all 99 shuffles: p = 1/100, BH over 3 vertices: 0.03 <= 0.05
+    assert fwd0.loc[1, "pvalue"] == pytest.approx(1 / 100) and fwd0.loc[1, "pvalue_fdr"] == pytest.approx(0.03)
+    assert fwd0.loc[1, "significant"] and not fwd0.loc[7, "significant"]
+    np.testing.assert_allclose(table.layer_depth.unique(), [0, 1])
+    np.testing.assert_allclose(np.load(tmp_path / "out/scores.npy")[0, 0], fwd0.score.to_numpy(), atol=1e-6)
+    group = group_fmri([tmp_path / "out/scores.parquet"] * 2, tmp_path / "group.parquet")
+    assert (group.n_subjects == 2).all() and set(group.signal) == {"forward", "backprop", "forward+backprop", "residual"}
+
+
+def test_meg_subjects_and_group_ttest(tmp_path):
+    rng = np.random.default_rng(3)
+    n, n_ch, times = 150, 3, np.array([0.0, 0.1, 0.2, 0.3])
+    feats = {(layer, s): rng.normal(size=(n, 6)) for layer in LAYERS for s in ("forward", "backprop")}
+    ids = [f"c_{i:02d}s" for i in range(n)]
+    fdir = tmp_path / "features"
+    fdir.mkdir()
+    for (layer, s), x in feats.items():
+        np.save(fdir / f"{layer}.{s}.npy", x.astype(np.float32))
+    pd.DataFrame({"image_id": ids}).to_parquet(fdir / "index.parquet")
+    tables = []
+    for subject in (1, 2, 3):
+        data = rng.normal(size=(n, n_ch, len(times)))
+        data[:, :, 2] += feats[("l0", "forward")][:, :1] * (0.5 + 0.3 * subject)  # time 0.2 s encodes forward l0
+        sub = tmp_path / f"s{subject}"
+        sub.mkdir()
+        np.save(sub / "data.npy", data.astype(np.float32))
+        np.save(sub / "times.npy", times)
+        write_meg_table(pd.DataFrame({"image_id": ids}), sub / "images.parquet", {"channels": ["MLC11", "MLC12", "MRO11"]})
+        t = encode_meg_subject(fdir, LAYERS, sub / "data.npy", sub / "images.parquet", sub / "times.npy", sub / "out",
+                               ENCODING, 6, 3, 0, {"subject": subject, "model": "m", "checkpoint": "it0"})
+        assert len(t) == 2 * 4 * n_ch * len(times) and set(t.channel) == {"MLC11", "MLC12", "MRO11"}
+        tables.append(sub / "out/scores.parquet")
+    group = group_meg(tables, tmp_path / "group.parquet", q=0.05)
+    g = group[(group.layer == "l0") & (group.signal == "forward")].set_index("time")
+    per_subject = pd.concat(pd.read_parquet(p) for p in tables)
+    courses = per_subject[(per_subject.layer == "l0") & (per_subject.signal == "forward")].groupby(
+        ["subject", "time"]).score.mean().unstack()
+    ref = stats.ttest_1samp(courses.to_numpy(), 0, axis=0, alternative="greater")
+    np.testing.assert_allclose(g.t.to_numpy(), ref.statistic, rtol=1e-6)
+    np.testing.assert_allclose(g["mean"].to_numpy(), courses.mean(0).to_numpy(), rtol=1e-6)
+    assert g.loc[0.2, "mean"] > 0.3 and g["mean"].drop(0.2).abs().max() < 0.15
+
+
+def test_misaligned_images_are_named(tmp_path):
+    fdir = tmp_path / "f"
+    fdir.mkdir()
+    for layer in LAYERS:
+        for s in ("forward", "backprop"):
+            np.save(fdir / f"{layer}.{s}.npy", np.zeros((2, 3), np.float32))
+    pd.DataFrame({"image_id": ["a", "b"]}).to_parquet(fdir / "index.parquet")
+    np.save(tmp_path / "betas.npy", np.zeros((2, 1), np.float32))
+    np.save(tmp_path / "mask.npy", np.ones(1, bool))
+    pd.DataFrame({"image_id": ["a", "zzz"]}).to_parquet(tmp_path / "images.parquet")
+    with pytest.raises(ValueError, match="zzz"):
+        encode_nsd_subject(fdir, LAYERS, tmp_path / "betas.npy", tmp_path / "images.parquet", tmp_path / "mask.npy",
+                           tmp_path / "out", ENCODING, 2, 1, 0, {})
+
+
+def test_pooled_null_resolves_small_pvalues_with_few_shuffles():
+    feats, y = planted()
+    encoding = {**ENCODING, "permutation": {"n": 5, "method": "refit", "null_distribution": "pooled", "modalities": ["nsd"]}}
+    out = score_subject(feats, LAYERS[:1], y, encoding, dim=6, residual_dim=3, seed=0, permutations=5)
+    # the planted target beats all 5 x 3 pooled null scores: p = 1 / 16, below the per-target floor 1 / 6
+    assert out["pvalues"][0, 0, 0] == pytest.approx(1 / 16)
+    assert out["pvalues"][0, 0, 2] > 0.1
