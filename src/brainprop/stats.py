@@ -72,6 +72,13 @@ def fdr_bh(pvalues, q: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
     return reject, adjusted
 
 
+def _observed_and_null(observed, null) -> tuple[np.ndarray, np.ndarray]:
+    observed, null = np.asarray(observed, dtype=np.float64), np.asarray(null, dtype=np.float64)
+    if null.ndim != 2 or null.shape[1:] != observed.shape:
+        raise ValueError(f"null must have shape (n_permutations, {observed.shape}), got {null.shape}")
+    return observed, null
+
+
 def permutation_pvalues(observed, null) -> np.ndarray:
     """Empirical one-sided permutation p-values with the +1 correction.
 
@@ -90,9 +97,7 @@ def permutation_pvalues(observed, null) -> np.ndarray:
     -------
     ndarray, shape (n_targets,), float64
     """
-    observed, null = np.asarray(observed, dtype=np.float64), np.asarray(null, dtype=np.float64)
-    if null.ndim != 2 or null.shape[1:] != observed.shape:
-        raise ValueError(f"null must have shape (n_permutations, {observed.shape}), got {null.shape}")
+    observed, null = _observed_and_null(observed, null)
     nan_null = np.isnan(null) & ~np.isnan(observed)
     if nan_null.any():
         log.warning("%d null scores (in %d targets) are NaN (constant shuffled prediction): counted as "
@@ -121,9 +126,7 @@ def pooled_permutation_pvalues(observed, null) -> np.ndarray:
     -------
     ndarray, shape (n_targets,), float64
     """
-    observed, null = np.asarray(observed, dtype=np.float64), np.asarray(null, dtype=np.float64)
-    if null.ndim != 2 or null.shape[1:] != observed.shape:
-        raise ValueError(f"null must have shape (n_permutations, {observed.shape}), got {null.shape}")
+    observed, null = _observed_and_null(observed, null)
     pool = np.sort(null[np.isfinite(null)])
     exceed = pool.size - np.searchsorted(pool, observed, side="left")
     p = (1.0 + exceed) / (pool.size + 1.0)
@@ -149,9 +152,7 @@ def gaussian_tail_pvalues(observed, null) -> np.ndarray:
     -------
     ndarray, shape (n_targets,), float64 (NaN where observed or the null is undefined)
     """
-    observed, null = np.asarray(observed, dtype=np.float64), np.asarray(null, dtype=np.float64)
-    if null.ndim != 2 or null.shape[1:] != observed.shape:
-        raise ValueError(f"null must have shape (n_permutations, {observed.shape}), got {null.shape}")
+    observed, null = _observed_and_null(observed, null)
     finite = np.isfinite(null)
     count = finite.sum(0)
     valid = (count >= 2) & np.isfinite(observed)

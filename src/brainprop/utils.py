@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,32 +26,43 @@ def log_to_file(path: str | os.PathLike) -> None:
                         handlers=[logging.FileHandler(path), logging.StreamHandler()])
 
 
-def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
-    """Write ``array`` to ``path`` (.npy) through a temporary file so a crash never leaves a partial file."""
+@contextmanager
+def atomic_output(path: str | os.PathLike, suffix: str = ".tmp"):
+    """Yield a temporary path beside ``path``, moved onto ``path`` only if the block succeeds.
+
+    A crash or an exception never leaves a partial file under the final name.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write ``array`` to ``path`` (.npy) atomically (see :func:`atomic_output`)."""
+    with atomic_output(path, ".npy.tmp") as tmp, open(tmp, "wb") as fh:
+        np.save(fh, array)
 
 
 def save_parquet_atomic(table, path: str | os.PathLike) -> None:
-    """Write a pandas DataFrame to Parquet through a temporary file (no partial file on failure)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".parquet.tmp")
-    os.close(fd)
-    try:
+    """Write a pandas DataFrame to Parquet atomically (see :func:`atomic_output`)."""
+    with atomic_output(path, ".parquet.tmp") as tmp:
         table.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def merge_params(defaults: dict, params: dict | None, what: str) -> dict:
+    """``defaults`` updated with ``params``; a key absent from ``defaults`` raises ``ValueError`` naming it."""
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown {what} parameter(s) {unknown}; allowed: {sorted(defaults)}")
+    return {**defaults, **params}
 
 
 def resolve_device(device: str | None = None):

@@ -43,7 +43,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +51,7 @@ import numpy as np
 import pandas as pd
 
 from brainprop.brain.align import align_to_stimuli
-from brainprop.utils import get_logger, save_npy_atomic
+from brainprop.utils import atomic_output, get_logger, merge_params, save_npy_atomic
 
 log = get_logger(__name__)
 
@@ -103,11 +102,7 @@ DEFAULT_PARAMS: dict = {
 
 def resolve_params(params: dict | None) -> dict:
     """Return :data:`DEFAULT_PARAMS` updated with ``params``; unknown keys or bad values raise ``ValueError``."""
-    params = dict(params or {})
-    unknown = sorted(set(params) - set(DEFAULT_PARAMS))
-    if unknown:
-        raise ValueError(f"unknown MEG preprocessing parameter(s) {unknown}; allowed: {sorted(DEFAULT_PARAMS)}")
-    p = {**DEFAULT_PARAMS, **params}
+    p = merge_params(DEFAULT_PARAMS, params, "MEG preprocessing")
     if p["repeats"] not in ("average", "first"):
         raise ValueError(f"MEG parameter 'repeats' must be 'average' or 'first', got {p['repeats']!r}")
     if p["missing_images"] not in ("error", "drop"):
@@ -827,18 +822,10 @@ def write_meg_table(table: pd.DataFrame, path: str | os.PathLike, meta: dict) ->
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrow = pa.Table.from_pandas(table, preserve_index=False)
     arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), META_KEY: json.dumps(meta).encode()})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".parquet.tmp")
-    os.close(fd)
-    try:
+    with atomic_output(path, ".parquet.tmp") as tmp:
         pq.write_table(arrow, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_meg_table(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:

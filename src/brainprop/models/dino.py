@@ -20,7 +20,6 @@ import json
 import math
 import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from brainprop.config import config_hash
-from brainprop.utils import get_logger
+from brainprop.utils import atomic_output, get_logger
 
 log = get_logger(__name__)
 
@@ -599,8 +598,6 @@ def _cpu_state(module: nn.Module) -> dict:
 
 def save_checkpoint(path: str | os.PathLike, ckpt: DinoCheckpoint) -> None:
     """Write ``ckpt`` to one file (torch.save of plain tensors and Python values) through a temporary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "iteration": int(ckpt.iteration),
@@ -613,14 +610,8 @@ def save_checkpoint(path: str | os.PathLike, ckpt: DinoCheckpoint) -> None:
         "config_hash": ckpt.config_hash,
         "seed": int(ckpt.seed),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".pt.tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path, ".pt.tmp") as tmp, open(tmp, "wb") as fh:
+        torch.save(payload, fh)
 
 
 def load_checkpoint(path: str | os.PathLike, device=None) -> DinoCheckpoint:

@@ -73,7 +73,7 @@ import pandas as pd
 
 from brainprop.brain.align import reorder_rows
 from brainprop.simulate.effects import add_noise, layer_depths, layer_readouts
-from brainprop.utils import get_logger
+from brainprop.utils import get_logger, merge_params
 
 log = get_logger(__name__)
 
@@ -148,11 +148,7 @@ DEFAULT_PARAMS: dict = {
 
 def resolve_params(params: dict | None) -> dict:
     """Return :data:`DEFAULT_PARAMS` updated with ``params``; unknown keys raise ``ValueError``."""
-    params = dict(params or {})
-    unknown = sorted(set(params) - set(DEFAULT_PARAMS))
-    if unknown:
-        raise ValueError(f"unknown MEG simulation parameter(s) {unknown}; allowed: {sorted(DEFAULT_PARAMS)}")
-    out = {**DEFAULT_PARAMS, **params}
+    out = merge_params(DEFAULT_PARAMS, params, "MEG simulation")
     if len(out["subjects"]) < 1:
         raise ValueError("simulation parameter 'subjects' must list at least one subject number")
     if out["n_channels"] < 8:

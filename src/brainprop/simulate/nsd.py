@@ -87,7 +87,7 @@ from brainprop.brain.nsd import (
     subject_name,
 )
 from brainprop.simulate.effects import add_noise, layer_rngs, layer_tuning, readout
-from brainprop.utils import get_logger
+from brainprop.utils import get_logger, merge_params
 
 log = get_logger(__name__)
 
@@ -132,11 +132,7 @@ _N_FSAVERAGE5 = 10242
 
 def resolve_params(params: dict | None) -> dict:
     """Merge ``params`` over :data:`DEFAULT_PARAMS`; unknown keys are an error."""
-    params = dict(params or {})
-    unknown = sorted(set(params) - set(DEFAULT_PARAMS))
-    if unknown:
-        raise ValueError(f"unknown NSD simulation parameter(s) {unknown}; known: {sorted(DEFAULT_PARAMS)}")
-    out = {**DEFAULT_PARAMS, **params}
+    out = merge_params(DEFAULT_PARAMS, params, "NSD simulation")
     if not 1 <= int(out["max_repetitions"]) <= 3:
         raise ValueError(f"max_repetitions must be 1..3 (NSD's csv has rep0..rep2), got {out['max_repetitions']}")
     if not 0 <= float(out["roi_coherence"]) <= 1:
