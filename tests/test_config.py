@@ -1,6 +1,5 @@
 """Config validation: defaults, unknown keys, types, required dataset roots; every key documented."""
 
-import copy
 import re
 import subprocess
 import sys
