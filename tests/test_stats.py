@@ -168,3 +168,20 @@ def test_pooled_permutation_pvalues_reference_and_calibration():
     assert pooled_permutation_pvalues(np.array([10.0]), null[:, :1]).item() == 1 / 6  # floor 1/(N T + 1)
     with_nan = pooled_permutation_pvalues(np.array([np.nan, 0.0]), np.zeros((3, 2)))
     assert np.isnan(with_nan[0]) and with_nan[1] == 1.0
+
+
+def test_refit_with_precomputed_observed_scores_skips_only_the_observed_fit():
+    """Passing cross_validated_ridge's mean scores gives the same null and p-values as refitting them."""
+    from brainprop.encoding import cross_validated_ridge
+
+    X, Y = _null_data(9, t=30)
+    Y[:, 3] = 1.0  # a constant (invalid) target stays NaN
+    Y[:, 0] += 3 * X[:, 0]  # one real effect
+    full = permutation_test(X, Y, ALPHAS, n_permutations=7, permutation_seed=3, device="cpu", progress=False)
+    obs = cross_validated_ridge(X, Y, ALPHAS, device="cpu", progress=False).mean_scores
+    reused = permutation_test(X, Y, ALPHAS, n_permutations=7, permutation_seed=3, observed=obs, device="cpu",
+                              progress=False)
+    np.testing.assert_allclose(reused.observed, full.observed, atol=1e-6)
+    np.testing.assert_array_equal(reused.null, full.null)
+    np.testing.assert_array_equal(reused.pvalues, full.pvalues)
+    assert np.isnan(reused.observed[3]) and reused.pvalues[0] == 1 / 8

@@ -715,7 +715,8 @@ def row_permutations(n_samples: int, n_permutations: int, seed: int) -> np.ndarr
 
 def refit_null_scores(X, Y, alphas, permutations, n_splits: int = 5, seed: int = 0, inner_cv="loo",
                       standardize: bool = True, device=None, dtype=torch.float32,
-                      memory_budget: int = DEFAULT_MEMORY_BUDGET, progress: bool = True):
+                      memory_budget: int = DEFAULT_MEMORY_BUDGET, progress: bool = True,
+                      observed: bool = True):
     """Observed and permutation-null split-averaged scores, refitting the full procedure per shuffle.
 
     For each permutation ``perm`` of the image rows, ``Y[perm]`` is encoded from ``X`` with the
@@ -728,11 +729,15 @@ def refit_null_scores(X, Y, alphas, permutations, n_splits: int = 5, seed: int =
         As in :func:`cross_validated_ridge`.
     permutations : ndarray, shape (n_permutations, n_images)
         Row permutations (see :func:`row_permutations`).
+    observed : bool
+        Also score the unshuffled data; False when the caller already has those scores (e.g.
+        from :func:`cross_validated_ridge`, same splits and alphas), which saves one fit.
 
     Returns
     -------
     observed : ndarray (n_targets,) float64
-        Split-averaged r of the unshuffled data (NaN for invalid targets).
+        Split-averaged r of the unshuffled data (NaN for invalid targets; all NaN with
+        ``observed=False``).
     null : ndarray (n_permutations, n_targets)
         Split-averaged r of each shuffle (float32, or float64 when ``dtype`` is float64).
     invalid : ndarray (n_targets,) bool
@@ -747,11 +752,12 @@ def refit_null_scores(X, Y, alphas, permutations, n_splits: int = 5, seed: int =
     b_t = _even_batch(n_targets, capacity)
     chunk = max(1, capacity // b_t)
     np_dtype = np.float64 if enc.dtype == torch.float64 else np.float32
-    observed = np.full(n_targets, np.nan, dtype=np.float64)
+    obs = np.full(n_targets, np.nan, dtype=np.float64)
     null = np.full((n_perm, n_targets), np.nan, dtype=np_dtype)
     invalid = np.zeros(n_targets, dtype=bool)
     perms = torch.as_tensor(permutations, device=enc.device)
-    jobs = [(t0, k0) for t0 in range(0, n_targets, b_t) for k0 in [-1, *range(0, n_perm, chunk)]]
+    first = [-1] if observed else []
+    jobs = [(t0, k0) for t0 in range(0, n_targets, b_t) for k0 in [*first, *range(0, n_perm, chunk)]]
     Yb, bad, cur = None, None, None
     for t0, k0 in tqdm(jobs, desc="refit permutation null", disable=not progress):
         cols = slice(t0, min(t0 + b_t, n_targets))
@@ -761,16 +767,16 @@ def refit_null_scores(X, Y, alphas, permutations, n_splits: int = 5, seed: int =
             invalid[cols] = bad.cpu().numpy()
         if k0 == -1:  # observed scores
             s, _, _ = enc.score_batch(Yb)
-            observed[cols] = s.double().mean(0).cpu().numpy()
+            obs[cols] = s.double().mean(0).cpu().numpy()
             continue
         ks = range(k0, min(k0 + chunk, n_perm))
         Yp = torch.cat([Yb[perms[k]] for k in ks], dim=1)
         s, _, _ = enc.score_batch(Yp)
         null[ks.start:ks.stop, cols] = s.double().mean(0).view(len(ks), -1).cpu().numpy()
         del Yp, s
-    observed[invalid] = np.nan
+    obs[invalid] = np.nan
     null[:, invalid] = np.nan
-    return observed, null, invalid
+    return obs, null, invalid
 
 
 def split_permutations(test_indices, n_permutations: int, seed: int) -> list[np.ndarray]:
@@ -845,6 +851,7 @@ def shuffled_prediction_null_scores(X, Y, alphas, permutations, n_splits: int = 
                 del r
         del Yb, P
     null /= len(tests)
-    observed[invalid] = np.nan
+    scores = observed  # the bool flag is not needed any more
+    scores[invalid] = np.nan
     null[:, invalid] = np.nan
-    return observed, null, invalid
+    return scores, null, invalid

@@ -195,7 +195,7 @@ class PermutationResult:
 
 
 def permutation_test(X, Y, alphas, n_permutations: int = 1000, method: str = "refit",
-                     permutation_seed: int = 0, **encoding_kwargs) -> PermutationResult:
+                     permutation_seed: int = 0, observed=None, **encoding_kwargs) -> PermutationResult:
     """Per-target permutation null of the split-averaged encoding score.
 
     Parameters
@@ -213,6 +213,10 @@ def permutation_test(X, Y, alphas, n_permutations: int = 1000, method: str = "re
         held-out data within each split (much cheaper; conditional on the fitted models).
     permutation_seed : int
         Seed of the shuffles (``numpy.random.default_rng``).
+    observed : ndarray (n_targets,), optional
+        The observed split-averaged scores, when already computed with the same ``X``, ``Y``,
+        alphas and ``encoding_kwargs`` (``cross_validated_ridge(...).mean_scores``): "refit" then
+        skips its own observed fit.
     **encoding_kwargs
         n_splits, seed (outer KFold), inner_cv, standardize, device, dtype, memory_budget,
         progress: as in :func:`brainprop.encoding.cross_validated_ridge`.
@@ -228,7 +232,11 @@ def permutation_test(X, Y, alphas, n_permutations: int = 1000, method: str = "re
     n_samples = np.shape(X)[0]
     if method == "refit":
         perms = encoding.row_permutations(n_samples, int(n_permutations), permutation_seed)
-        observed, null, invalid = encoding.refit_null_scores(X, Y, alphas, perms, **encoding_kwargs)
+        if observed is None:
+            observed, null, invalid = encoding.refit_null_scores(X, Y, alphas, perms, **encoding_kwargs)
+        else:
+            _, null, invalid = encoding.refit_null_scores(X, Y, alphas, perms, observed=False, **encoding_kwargs)
+            observed = np.where(invalid, np.nan, np.asarray(observed, dtype=np.float64))
     else:
         log.warning("shuffle_predictions: this null is narrower than the actual null of the split-averaged "
                     "score (anti-conservative p-values); use method='refit' for inference (docs/statistics.md)")
