@@ -13,14 +13,20 @@ from brainprop.analysis import (
     best_layer,
     best_layer_per_vertex,
     checkpoint_iteration,
+    combined_spatial,
     correlation,
+    course_statistics,
+    depth_bins,
     distance_layer_correlation,
     fmri_summary,
     half_time,
     half_times,
+    mean_vertex_map,
     meg_summary,
+    min_models,
     peak_times,
     roi_means,
+    significant_map,
     spatial_score,
     stars,
     summary_scores,
@@ -329,3 +335,78 @@ def test_vertex_array():
         vertex_array([1, 1], [0.0, 1.0], 5)
     with pytest.raises(ValueError, match="lie in"):
         vertex_array([5], [0.0], 5)
+
+
+# ---------------------------------------------------------------- several models
+
+def test_min_models_is_a_majority():
+    assert [min_models(n) for n in (1, 2, 3, 8)] == [1, 1, 2, 4]
+    with pytest.raises(ValueError):
+        min_models(0)
+
+
+def test_mean_vertex_map_counts_only_present_vertices():
+    maps = [([0, 1, 2], [1.0, 2.0, 3.0]), ([1, 2], [4.0, 5.0]), ([2], [9.0])]
+    np.testing.assert_allclose(mean_vertex_map(maps, 4, 1), [1.0, 3.0, 17 / 3, np.nan])
+    np.testing.assert_allclose(mean_vertex_map(maps, 4, 2), [np.nan, 3.0, 17 / 3, np.nan])
+    np.testing.assert_allclose(mean_vertex_map(maps, 4, 3), [np.nan, np.nan, 17 / 3, np.nan])
+
+
+def test_significant_map_uses_the_mask_signal_and_last_layer():
+    rows = []
+    for depth, layer in ((0.0, "a"), (1.0, "b")):
+        for signal, sig in (("forward", [2, 0, 1]), ("forward+backprop", [0, 2, 2]), ("residual", [0, 0, 0])):
+            rows.append(pd.DataFrame({"model": "m", "checkpoint": "it1", "layer": layer, "layer_depth": depth,
+                                      "signal": signal, "vertex": [5, 6, 7], "mean": [0.1, 0.2, 0.3 + depth],
+                                      "n_significant": sig, "n_subjects": 2}))
+    group = pd.concat(rows, ignore_index=True)
+    fwd = significant_map(group, "forward", min_significant=2)
+    assert fwd.vertex.tolist() == [5] and fwd.score.tolist() == [0.1]
+    res = significant_map(group, "residual", min_significant=1)  # mask: forward+backprop of the last layer
+    assert res.vertex.tolist() == [6, 7] and res.score.tolist() == pytest.approx([0.2, 1.3])
+    assert significant_map(group, "forward", layer="a").vertex.tolist() == [5, 7]
+    with pytest.raises(ValueError, match="one model/checkpoint"):
+        significant_map(pd.concat([group, group.assign(model="n")]), "forward")
+
+
+def test_combined_spatial_equals_spatial_score_for_one_model_and_averages_several():
+    group, labels, rois, level = _synthetic_fmri(np.random.default_rng(4))
+    one = spatial_score(group, labels, rois, "backprop")
+    same = combined_spatial([one])
+    assert same.correlation == one.correlation
+    # a second model with the reversed ROI order: the mean best layer is flat (0.5) everywhere
+    flipped = spatial_score(group.assign(layer_depth=1 - group.layer_depth), labels, rois, "backprop")
+    both = combined_spatial([one, flipped])
+    np.testing.assert_allclose(both.rois.best_layer, 0.5)
+    assert np.isnan(both.correlation.r)  # constant best layer: undefined, not a fake number
+    np.testing.assert_allclose(both.rois.forward_score, (one.rois.forward_score + flipped.rois.forward_score) / 2)
+
+
+def test_depth_bins():
+    np.testing.assert_array_equal(depth_bins([0, 0.2, 0.5, 0.74, 1.0], 3), [0, 0, 1, 1, 2])
+    with pytest.raises(ValueError):
+        depth_bins([1.5], 3)
+
+
+def test_course_statistics_equals_scipy_and_statsmodels():
+    from statsmodels.stats.multitest import fdrcorrection
+
+    rng = np.random.default_rng(0)
+    times = np.linspace(-0.1, 1.0, 12)
+    rows = []
+    for model in ("a", "b"):
+        for subject in (1, 2, 3):
+            score = 0.1 * (times > 0.3) + rng.normal(0, 0.02, len(times))
+            rows.append(pd.DataFrame({"signal": "forward", "model": model, "subject": subject, "time": times,
+                                      "score": score}))
+    courses = pd.concat(rows, ignore_index=True)
+    out = course_statistics(courses, ["signal"], ["subject", "model"], q=0.05)
+    x = courses.pivot_table(index=["subject", "model"], columns="time", values="score").to_numpy()
+    ref = sps.ttest_1samp(x, 0, axis=0, alternative="greater")
+    np.testing.assert_allclose(out["t"], ref.statistic)
+    np.testing.assert_allclose(out["pvalue"], ref.pvalue)
+    reject, p_fdr = fdrcorrection(ref.pvalue, 0.05)
+    np.testing.assert_allclose(out["pvalue_fdr"], p_fdr)
+    np.testing.assert_array_equal(out["significant"], reject)
+    np.testing.assert_allclose(out["sem"], sps.sem(x, axis=0))
+    assert (out["n"] == 6).all() and out.loc[out.time > 0.3, "significant"].all()

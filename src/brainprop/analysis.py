@@ -724,3 +724,141 @@ def summary_scores(meg_group: pd.DataFrame | None = None, fmri_group: pd.DataFra
     if not parts:
         raise ValueError("summary_scores needs meg_group and/or fmri_group")
     return pd.concat(parts, ignore_index=True)
+
+
+# --------------------------------------------------------------------------------------------
+# 8. several models (Fig. 4, Fig. S1) and maps
+# --------------------------------------------------------------------------------------------
+
+def min_models(n_models: int) -> int:
+    """Least number of models in which a vertex must be significant to enter a map averaged across
+    models: a majority, ``ceil(n / 2)`` (1 of 1, 1 of 2, 2 of 3, 4 of 8)."""
+    if n_models < 1:
+        raise ValueError(f"n_models must be >= 1, got {n_models}")
+    return (n_models + 1) // 2
+
+
+def mean_vertex_map(maps: Sequence[tuple], n_vertices: int, min_count: int = 1) -> np.ndarray:
+    """Average per-vertex values over several sources (models), where at least ``min_count`` have one.
+
+    Parameters
+    ----------
+    maps : sequence of (vertices, values)
+        One pair per source; a vertex absent from a source (e.g. not significant) does not count.
+    n_vertices : int
+        Length 2V of the output.
+    min_count : int
+
+    Returns
+    -------
+    ndarray, shape (n_vertices,)
+        Mean over the sources holding the vertex, NaN where fewer than ``min_count`` do.
+    """
+    if not maps:
+        raise ValueError("mean_vertex_map needs at least one map")
+    stack = np.stack([vertex_array(v, x, n_vertices) for v, x in maps])
+    count = np.isfinite(stack).sum(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(stack, axis=0)
+    return np.where(count >= min_count, mean, np.nan)
+
+
+def significant_map(group_fmri: pd.DataFrame, signal: str, layer: str | None = None,
+                    min_significant: int = 1) -> pd.DataFrame:
+    """Across-subject mean score of each vertex significant for the signal's mask signal (Fig. 4, 6).
+
+    Parameters
+    ----------
+    group_fmri : DataFrame
+        fMRI group table of one model and checkpoint.
+    signal : str
+    layer : str, optional
+        Default: the deepest layer.
+    min_significant : int
+        Least number of subjects in which the vertex is significant.
+
+    Returns
+    -------
+    DataFrame
+        ``vertex``, ``score`` (across-subject mean r), for the kept vertices.
+    """
+    _require(group_fmri, ["layer", "layer_depth", "signal", "vertex", "mean", "n_significant"], "fMRI group table")
+    keys = _keys(group_fmri)
+    if keys and len(group_fmri.drop_duplicates(keys)) > 1:
+        raise ValueError(f"significant_map needs one {'/'.join(keys)}; filter the table first")
+    sub = _pick_layer(group_fmri, layer)
+    mask = _check_signal(sub, DEFAULT_MASK_SIGNAL.get(signal, signal), "fMRI group table")
+    keep = mask.loc[mask["n_significant"] >= min_significant, "vertex"]
+    values = _check_signal(sub, signal, "fMRI group table")
+    values = values[values["vertex"].isin(keep)]
+    return pd.DataFrame({"vertex": values["vertex"].to_numpy(), "score": values["mean"].to_numpy(np.float64)})
+
+
+def combined_spatial(results: Sequence[SpatialResult], fraction: float = 1 / 3,
+                     distance: str = "dist_geodesic") -> SpatialResult:
+    """Spatial score of several models together (Fig. S1C/D): per ROI, the mean over models of the best
+    layer and of the forward score (NaN-aware), then the top ``fraction`` of ROIs and the correlation.
+
+    With one model this is that model's :func:`spatial_score`.
+    """
+    if not results:
+        raise ValueError("combined_spatial needs at least one SpatialResult")
+    first = results[0].rois
+    for r in results[1:]:
+        if not r.rois[["hemi", "roi"]].equals(first[["hemi", "roi"]]):
+            raise ValueError("the SpatialResults were computed on different ROI tables")
+    out = first.drop(columns=["selected"]).copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for col in ("best_layer", "forward_score"):
+            out[col] = np.nanmean(np.stack([r.rois[col].to_numpy(np.float64) for r in results]), axis=0)
+    out["n_models"] = np.stack([np.isfinite(r.rois["best_layer"].to_numpy(np.float64)) for r in results]).sum(0)
+    selected = best_encoded_rois(out, fraction, column="forward_score")
+    out["selected"] = out.index.isin(selected.index)
+    sel = out[out["selected"]]
+    return SpatialResult(distance_layer_correlation(sel[distance], sel["best_layer"]), out)
+
+
+def depth_bins(depths, n_bins: int) -> np.ndarray:
+    """Index of the nearest of ``n_bins`` evenly spaced depths in [0, 1] for each layer depth, so that
+    models with different layer counts can be averaged layer-wise (Fig. S1E/F)."""
+    d = np.asarray(depths, dtype=np.float64)
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    if ((d < 0) | (d > 1)).any():
+        raise ValueError("layer depths must lie in [0, 1]")
+    return np.rint(d * (n_bins - 1)).astype(np.int64)
+
+
+def course_statistics(courses: pd.DataFrame, by: Sequence[str], units: Sequence[str], q: float = 0.05) -> pd.DataFrame:
+    """Mean, SEM and one-tailed t-test (BH-FDR over time) of MEG time courses across units.
+
+    Parameters
+    ----------
+    courses : DataFrame
+        Channel-averaged courses: ``time``, ``score``, the ``by`` columns and the ``units`` columns
+        (e.g. units = subject, or subject and model for Fig. 4: each (subject, model) one sample).
+    by : columns defining one curve (e.g. ``["signal"]``)
+    units : columns whose combinations are the samples of the test
+
+    Returns
+    -------
+    DataFrame
+        ``by`` columns, ``time``, ``mean``, ``sem``, ``n``, ``t``, ``pvalue``, ``pvalue_fdr``,
+        ``significant`` (see :func:`brainprop.stats.ttest_across_subjects`).
+    """
+    from brainprop.stats import ttest_across_subjects
+
+    _require(courses, [*by, *units, "time", "score"], "MEG course table")
+    rows = []
+    for key, g in courses.groupby(list(by), sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        wide = g.pivot_table(index=list(units), columns="time", values="score", aggfunc="mean")
+        x = wide.to_numpy(np.float64)
+        test = ttest_across_subjects(x, q=q)
+        rows.append(pd.DataFrame({**dict(zip(by, key)), "time": wide.columns.to_numpy(np.float64),
+                                  "mean": x.mean(0), "sem": x.std(0, ddof=1) / np.sqrt(len(x)), "n": len(x),
+                                  "t": test.t, "pvalue": test.pvalues, "pvalue_fdr": test.pvalues_fdr,
+                                  "significant": test.significant}))
+    return pd.concat(rows, ignore_index=True)

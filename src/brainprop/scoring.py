@@ -27,10 +27,11 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from brainprop.analysis import course_statistics
 from brainprop.brain.align import reorder_rows
 from brainprop.encoding import cross_validated_ridge
 from brainprop.simulate.effects import layer_depths
-from brainprop.stats import fdr_bh, permutation_test, pooled_permutation_pvalues, ttest_across_subjects
+from brainprop.stats import fdr_bh, permutation_test, pooled_permutation_pvalues
 from brainprop.utils import get_logger, save_npy_atomic, save_parquet_atomic
 
 log = get_logger(__name__)
@@ -80,7 +81,7 @@ def score_subject(features: dict, layers: Sequence[str], Y: np.ndarray, encoding
             if permutations:
                 perm = permutation_test(inputs[signal], Y, alphas, n_permutations=permutations,
                                         method=encoding["permutation"]["method"],
-                                        permutation_seed=seed + 1 + li * 3 + si, **kw)
+                                        permutation_seed=seed + 1 + li * 3 + si, observed=res.mean_scores, **kw)
                 pooled = encoding["permutation"]["null_distribution"] == "pooled"
                 out["pvalues"][li, si] = pooled_permutation_pvalues(perm.observed, perm.null) if pooled else perm.pvalues
         out["scores"][li, 3] = out["scores"][li, 2] - out["scores"][li, 0]
@@ -159,24 +160,21 @@ def _write(arrays, layers, targets, keys, out_dir, q) -> pd.DataFrame:
     return table
 
 
+def meg_subject_courses(score_tables: Sequence[str | os.PathLike]) -> pd.DataFrame:
+    """Channel-averaged MEG time course of each subject: model, checkpoint, layer, layer_depth, signal,
+    time, subject, score (mean r over channels), from per-subject ``scores.parquet`` files."""
+    per_subject = pd.concat([pd.read_parquet(p, columns=["subject", "model", "checkpoint", "layer", "layer_depth",
+                                                          "signal", "time", "score"]) for p in score_tables])
+    return per_subject.groupby(["model", "checkpoint", "layer", "layer_depth", "signal", "time", "subject"],
+                               sort=True).score.mean().rename("score").reset_index()
+
+
 def group_meg(score_tables: Sequence[str | os.PathLike], out: str | os.PathLike, q: float) -> pd.DataFrame:
     """Rule entry point: channel-average each subject's MEG scores, then per (layer, signal) and time the
     across-subject mean, SEM, one-sample one-tailed t-test and BH-FDR over time points."""
-    per_subject = pd.concat([pd.read_parquet(p, columns=["subject", "model", "checkpoint", "layer", "layer_depth",
-                                                          "signal", "time", "score"]) for p in score_tables])
-    courses = per_subject.groupby(["model", "checkpoint", "layer", "layer_depth", "signal", "time", "subject"],
-                                  sort=True).score.mean().rename("score").reset_index()
-    rows = []
-    for key, g in courses.groupby(["model", "checkpoint", "layer", "layer_depth", "signal"], sort=False):
-        wide = g.pivot(index="subject", columns="time", values="score")
-        test = ttest_across_subjects(wide.to_numpy(), q=q)
-        n = wide.shape[0]
-        rows.append(pd.DataFrame({
-            **dict(zip(["model", "checkpoint", "layer", "layer_depth", "signal"], key)),
-            "time": wide.columns.to_numpy(), "mean": wide.mean(0).to_numpy(),
-            "sem": wide.std(0, ddof=1).to_numpy() / np.sqrt(n) if n > 1 else np.nan, "n_subjects": n,
-            "t": test.t, "pvalue": test.pvalues, "pvalue_fdr": test.pvalues_fdr, "significant": test.significant}))
-    group = pd.concat(rows, ignore_index=True)
+    group = course_statistics(meg_subject_courses(score_tables), ["model", "checkpoint", "layer", "layer_depth",
+                                                                   "signal"], ["subject"], q=q)
+    group = group.rename(columns={"n": "n_subjects"})
     save_parquet_atomic(group, out)
     return group
 
