@@ -15,6 +15,7 @@ $(BIN)/.installed: pyproject.toml
 
 demo: $(BIN)/.installed
 	$(BIN)/snakemake --profile profiles/local --cores $(CORES) all
+	$(BIN)/snakemake --profile profiles/local --cores $(CORES) all --report results/report.html
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest

@@ -14,6 +14,7 @@ include: "rules/training.smk"
 include: "rules/features.smk"
 include: "rules/brain.smk"
 include: "rules/encoding.smk"
+include: "rules/figures.smk"
 
 
 rule all:
@@ -22,3 +23,4 @@ rule all:
         all_feature_targets(),
         brain_targets(),
         encoding_targets(),
+        figure_targets(),

@@ -32,6 +32,9 @@ def test_demo_config_is_valid_and_defaults_are_filled():
     (lambda c: c["features"]["pca"].__setitem__("residual_dim", 100), r"residual_dim \(100\) must be <= features\.pca\.dim"),
     (lambda c: c["training"].__setitem__("checkpoints", [0, 10_000]), r"training\.checkpoints: 10000 exceeds"),
     (lambda c: c.__setitem__("demo", False), r"data\.things_images, data\.things_meg, data\.nsd: required when demo is false"),
+    (lambda c: c["figures"].__setitem__("model", "clip"), r"figures\.model \('clip'\) must be one of the models"),
+    (lambda c: c["figures"].__setitem__("stages", [10, 20]), r"figures\.stages \[20\] are not in training\.checkpoints"),
+    (lambda c: c["robustness"].__setitem__("layer", "head"), r"robustness\.layer \('head'\) must be one of features\.layers"),
 ])
 def test_bad_configs_name_the_key(mutate, message):
     cfg = demo_config()

@@ -87,6 +87,18 @@ def _consistency(config: dict) -> list[str]:
         out.append(f"simulation.checkpoint ({sim.get('checkpoint')}) must be one of training.checkpoints {ckpts}")
     if config.get("demo", True) and sim and sim.get("model") not in config.get("models", {}):
         out.append(f"simulation.model ({sim.get('model')!r}) must be one of the models: {sorted(config.get('models', {}))}")
+    fig = config.get("figures", {})
+    if fig.get("model") not in config.get("models", {}):
+        out.append(f"figures.model ({fig.get('model')!r}) must be one of the models: {sorted(config.get('models', {}))}")
+    elif config["models"][fig["model"]].get("kind") != "dino_checkpoint":
+        out.append(f"figures.model ({fig['model']!r}) must be a model trained here (kind: dino_checkpoint)")
+    missing = [s for s in fig.get("stages", []) if s not in ckpts]
+    if missing:
+        out.append(f"figures.stages {missing} are not in training.checkpoints {ckpts}")
+    layer = config.get("robustness", {}).get("layer")
+    layers = config.get("features", {}).get("layers", [])
+    if layer is not None and layer not in layers:
+        out.append(f"robustness.layer ({layer!r}) must be one of features.layers")
     return out
 
 
