@@ -38,9 +38,19 @@ plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, 
 # loading and small helpers
 # --------------------------------------------------------------------------------------------
 
-def _read(paths) -> pd.DataFrame:
-    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    return pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
+def _paths(paths) -> list:
+    return [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+
+
+def _read(paths, last_layer: bool = False) -> pd.DataFrame:
+    """Concatenated Parquet tables; with ``last_layer`` only the rows of each model's deepest layer
+    (``layer_depth == 1``), read as such (real data: 327k vertices x 12 layers per table)."""
+    filters = [("layer_depth", "==", 1.0)] if last_layer else None
+    tables = [pd.read_parquet(p, filters=filters) for p in _paths(paths)]
+    empty = [str(p) for p, t in zip(_paths(paths), tables) if t.empty]
+    if empty:
+        raise ValueError(f"no rows{' of the last layer (layer_depth == 1)' if last_layer else ''} in {empty}")
+    return pd.concat(tables, ignore_index=True)
 
 
 def _numbers(rows: list[dict]) -> pd.DataFrame:
@@ -91,7 +101,7 @@ def _sig_marks(ax, times, significant, y, color, size=6):
 def _corr_text(c: an.Correlation, spearman: bool = True) -> str:
     """"r = .. (p = ..), rho = .. (p = ..)", or a plain statement when the correlation is undefined."""
     if not np.isfinite(c.r):
-        return "r undefined (constant values or < 3 points)"
+        return "r n/a (constant or < 3 points)"
     text = f"r = {c.r:.2f} (p = {c.p:.1e})"
     return text + (f", rho = {c.rho:.2f} (p = {c.p_spearman:.1e})" if spearman else "")
 
@@ -127,23 +137,28 @@ def _meg_layers(meg: pd.DataFrame, signal: str) -> pd.DataFrame:
 def fig_hierarchy(inputs, params):
     """Fig. 2 (one model) / Fig. S1 (several): best-layer maps (A-B), distance from V1 vs best layer
     over the best-encoded ROIs (C-D), MEG time courses per layer (E-F), forward and backprop."""
-    fmri, meg = _read(inputs["fmri"]), _read(inputs["meg"])
+    meg = _read(inputs["meg"])
     rois, vertex_rois = pd.read_parquet(inputs["rois"]), np.load(inputs["vertex_rois"])
-    models = sorted(fmri["model"].unique())
-    n_v, need = len(vertex_rois), an.min_models(len(models))
+    n_v = len(vertex_rois)
+    models, checkpoints, per_signal = [], [], {"forward": ([], []), "backprop": ([], [])}
+    for path in _paths(inputs["fmri"]):  # one model at a time (each table: vertices x layers x signals)
+        g = _read(path)
+        models.append(g["model"].iloc[0])
+        checkpoints.append(g["checkpoint"].iloc[0])
+        for signal, (maps, spatial) in per_signal.items():
+            best = an.best_layer_per_vertex(g, signal, params["min_significant"])
+            maps.append((best.vertex.to_numpy(), best.layer_depth.to_numpy()))
+            spatial.append(an.spatial_score(g, vertex_rois, rois, signal, params["min_significant"],
+                                            params["roi_fraction"], params["distance"]))
+        del g
+    need, checkpoint = an.min_models(len(models)), ",".join(sorted(set(checkpoints)))
     surfaces = _surfaces(params)
     fig = plt.figure(figsize=(11, 12.5), layout="constrained")
     grid = fig.add_gridspec(3, 2, height_ratios=[1.25, 1, 1])
     rows, depth_cmap = [], plt.get_cmap("viridis")
     for col, signal in enumerate(("forward", "backprop")):
         letter_map, letter_sc, letter_meg = "AB"[col], "CD"[col], "EF"[col]
-        maps, spatial = [], []
-        for model in models:
-            g = fmri[fmri["model"] == model]
-            best = an.best_layer_per_vertex(g, signal, params["min_significant"])
-            maps.append((best.vertex.to_numpy(), best.layer_depth.to_numpy()))
-            spatial.append(an.spatial_score(g, vertex_rois, rois, signal, params["min_significant"],
-                                            params["roi_fraction"], params["distance"]))
+        maps, spatial = per_signal[signal]
         values = an.mean_vertex_map(maps, n_v, need)
         _map_panel(fig, grid[0, col], surfaces, values, f"{LABELS[signal]}: best layer", "viridis", 0.0, 1.0,
                    "best layer (normalised depth k)", params, letter_map)
@@ -163,7 +178,6 @@ def fig_hierarchy(inputs, params):
         ax.set_ylabel("best layer (normalised depth k)")
         ax.set_ylim(-0.05, 1.05)
         _label(ax, letter_sc)
-        checkpoint = ",".join(sorted(fmri["checkpoint"].unique()))
         for stat, val in (("spatial_r", c.r), ("spatial_p", c.p), ("spatial_rho", c.rho),
                           ("spatial_p_spearman", c.p_spearman), ("spatial_n_rois", c.n)):
             rows.append({"statistic": stat, "model": "+".join(models), "checkpoint": checkpoint, "modality": "fmri",
@@ -200,9 +214,9 @@ def fig_hierarchy(inputs, params):
 # --------------------------------------------------------------------------------------------
 
 def _summaries(inputs, params) -> pd.DataFrame:
-    subjects = _read(inputs["fmri_subjects"]) if "fmri_subjects" in inputs.keys() else None
-    return an.summary_scores(_read(inputs["meg"]), _read(inputs["fmri"]), subjects,
-                             min_significant=params["min_significant"])
+    subjects = _read(inputs["fmri_subjects"], last_layer=True) if "fmri_subjects" in inputs.keys() else None
+    return an.summary_scores(_read(inputs["meg"], last_layer=True), _read(inputs["fmri"], last_layer=True),
+                             subjects, min_significant=params["min_significant"])
 
 
 def _summary_rows(summary: pd.DataFrame, statistic: str) -> list[dict]:
@@ -253,7 +267,7 @@ def fig_models_mean(inputs, params):
     courses, mean +- SEM across subjects and models with FDR-corrected t-test marks (B, D, F)."""
     from brainprop.scoring import meg_subject_courses
 
-    fmri = _read(inputs["fmri"])
+    fmri = _read(inputs["fmri"], last_layer=True)
     courses = meg_subject_courses(inputs["meg_subjects"])
     deepest = courses.groupby("model")["layer_depth"].transform("max")
     courses = courses[courses["layer_depth"] == deepest]
@@ -319,7 +333,7 @@ def fig_training(inputs, params):
         ax.set_title(LABELS[signal])
         _label(ax, "ABC"[col])
     axes[0].set_ylabel("last-layer " + R_LABEL)
-    axes[0].legend(title="MEG: max over time\nfMRI: mean, significant vertices", loc="upper left")
+    axes[0].legend(title="MEG: max over time\nfMRI: mean, significant vertices", loc="center right")
     fig.suptitle(f"{params['model']}: encoding scores across training")
     return fig, _numbers(_summary_rows(summary, "encoding_score"))
 
@@ -327,7 +341,7 @@ def fig_training(inputs, params):
 def fig_training_maps(inputs, params):
     """Fig. 6: fMRI maps of the last-layer forward, backprop and residual scores (rows) at three training
     stages (columns); significant vertices only, one colour scale per row."""
-    fmri = _read(inputs["fmri"])
+    fmri = _read(inputs["fmri"], last_layer=True)
     vertex_rois = np.load(inputs["vertex_rois"])
     stages = [f"it{s}" for s in params["stages"]]
     surfaces = _surfaces(params)
@@ -405,7 +419,8 @@ def fig_robustness(inputs, params):
         ax.set_xticks(range(wide.shape[1]), wide.columns)
         ax.set_yticks(range(wide.shape[0]), wide.index)
         for (i, j), v in np.ndenumerate(wide.to_numpy(np.float64)):
-            ax.text(j, i, "" if np.isnan(v) else f"{v:.3f}", ha="center", va="center", fontsize=7,
+            ax.text(j, i, "n/a: PCA dim >\nprojection dim" if np.isnan(v) else f"{v:.3f}", ha="center",
+                    va="center", fontsize=6 if np.isnan(v) else 7,
                     color="w" if v < np.nanmean(wide.to_numpy(np.float64)) else "k")
         ax.set_xlabel("PCA dimension")
         ax.set_ylabel("random projection dimension")
@@ -433,52 +448,47 @@ def fig_robustness(inputs, params):
 # sister paper: Encoding, Spatial and Temporal scores across training, and half-times
 # --------------------------------------------------------------------------------------------
 
-def training_metrics(fmri: pd.DataFrame, meg: pd.DataFrame, rois: pd.DataFrame, vertex_rois, params) -> pd.DataFrame:
-    """Per checkpoint and signal (forward, backprop): the Encoding score (MEG, fMRI; last layer), the
-    Spatial score (Pearson r, distance vs best layer) and the Temporal score (Pearson r, depth vs peak
-    time). Columns: checkpoint, signal, metric, value."""
-    rows = []
+def checkpoint_metrics(fmri: pd.DataFrame, meg: pd.DataFrame, rois: pd.DataFrame, vertex_rois,
+                       params) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One checkpoint's training metrics, for forward and backprop: the Encoding scores (MEG, fMRI; last
+    layer), the Spatial score (Pearson r, distance vs best layer) and the Temporal score (Pearson r, depth
+    vs peak time), as rows (checkpoint, signal, metric, value); and, per ROI, the mean over its vertices
+    of the last-layer forward score (all vertices: significance changes over training)."""
+    checkpoint = fmri["checkpoint"].iloc[0]
+    if set(fmri["checkpoint"]) != {checkpoint} or set(meg["checkpoint"]) != {checkpoint}:
+        raise ValueError(f"checkpoint_metrics needs one checkpoint; got fMRI {sorted(set(fmri['checkpoint']))}, "
+                         f"MEG {sorted(set(meg['checkpoint']))}")
     summary = an.summary_scores(meg, fmri, min_significant=params["min_significant"])
-    for r in summary[summary["signal"].isin(("forward", "backprop"))].itertuples():
-        rows.append({"checkpoint": r.checkpoint, "signal": r.signal, "metric": f"encoding_{r.modality}",
-                     "value": r.score})
-    for checkpoint in sorted(fmri["checkpoint"].unique(), key=an.checkpoint_iteration):
-        f, m = fmri[fmri["checkpoint"] == checkpoint], meg[meg["checkpoint"] == checkpoint]
-        for signal in ("forward", "backprop"):
-            sp = an.spatial_score(f, vertex_rois, rois, signal, params["min_significant"], params["roi_fraction"],
-                                  params["distance"]).correlation
-            tp = an.temporal_score(an.peak_times(m, signal))
-            rows += [{"checkpoint": checkpoint, "signal": signal, "metric": "spatial", "value": sp.r},
-                     {"checkpoint": checkpoint, "signal": signal, "metric": "temporal", "value": tp.r}]
-    return pd.DataFrame(rows)
-
-
-def roi_training(fmri: pd.DataFrame, vertex_rois, rois: pd.DataFrame, signal: str = "forward") -> pd.DataFrame:
-    """Per checkpoint and ROI the mean over the ROI's vertices of the last-layer across-subject mean score
-    (all vertices: significance changes over training). Columns: checkpoint + ROI table + ``mean``."""
-    out = []
-    for checkpoint, g in fmri.groupby("checkpoint"):
-        g = g[(g["signal"] == signal) & (g["layer_depth"] == g["layer_depth"].max())]
-        values = an.vertex_array(g["vertex"], g["mean"], len(vertex_rois))
-        out.append(an.roi_means(values, vertex_rois, rois).assign(checkpoint=checkpoint))
-    return pd.concat(out, ignore_index=True)
+    rows = [{"checkpoint": checkpoint, "signal": r.signal, "metric": f"encoding_{r.modality}", "value": r.score}
+            for r in summary[summary["signal"].isin(("forward", "backprop"))].itertuples()]
+    for signal in ("forward", "backprop"):
+        sp = an.spatial_score(fmri, vertex_rois, rois, signal, params["min_significant"], params["roi_fraction"],
+                              params["distance"]).correlation
+        tp = an.temporal_score(an.peak_times(meg, signal))
+        rows += [{"checkpoint": checkpoint, "signal": signal, "metric": "spatial", "value": sp.r},
+                 {"checkpoint": checkpoint, "signal": signal, "metric": "temporal", "value": tp.r}]
+    last = fmri[(fmri["signal"] == "forward") & (fmri["layer_depth"] == fmri["layer_depth"].max())]
+    per_roi = an.roi_means(an.vertex_array(last["vertex"], last["mean"], len(vertex_rois)), vertex_rois, rois)
+    return pd.DataFrame(rows), per_roi.assign(checkpoint=checkpoint)
 
 
 def fig_halftime(inputs, params):
     """Sister paper (Raugel et al. 2025): Encoding (A), Spatial (B) and Temporal (C) scores across
     training for forward and backprop, their half-times (D), and the half-time of each ROI's forward
     encoding against its distance from V1 (E)."""
-    fmri, meg = _read(inputs["fmri"]), _read(inputs["meg"])
     rois, vertex_rois = pd.read_parquet(inputs["rois"]), np.load(inputs["vertex_rois"])
     frac = params["halftime_fraction"]
-    metrics = training_metrics(fmri, meg, rois, vertex_rois, params)
+    # one checkpoint at a time (real data: each fMRI table is 327k vertices x 12 layers x 4 signals)
+    parts = [checkpoint_metrics(_read(f), _read(m), rois, vertex_rois, params)
+             for f, m in zip(_paths(inputs["fmri"]), _paths(inputs["meg"]), strict=True)]
+    metrics = pd.concat([p[0] for p in parts], ignore_index=True)
+    per_roi = pd.concat([p[1] for p in parts], ignore_index=True)
     metrics["iteration"] = metrics["checkpoint"].map(an.checkpoint_iteration)
     # Spatial/Temporal scores start around 0 (or below): half-time from the initial value
     halves = pd.concat([
         an.half_times(metrics[metrics["metric"].str.startswith("encoding")], "value", ["metric", "signal"], frac),
         an.half_times(metrics[~metrics["metric"].str.startswith("encoding")], "value", ["metric", "signal"], frac,
                       from_initial=True)], ignore_index=True)
-    per_roi = roi_training(fmri, vertex_rois, rois)
     roi_half = an.half_times(per_roi, "mean", ["hemi", "roi"], frac).merge(rois, on=["hemi", "roi"])
     fig = plt.figure(figsize=(11, 7), layout="constrained")
     grid = fig.add_gridspec(2, 3)
@@ -516,10 +526,11 @@ def fig_halftime(inputs, params):
     ax = fig.add_subplot(grid[1, 2])
     c = an.correlation(roi_half[params["distance"]], roi_half["half_time"])
     ax.scatter(roi_half[params["distance"]], roi_half["half_time"], s=14, color="tab:blue", edgecolor="k", lw=0.3)
-    ax.set_yscale("symlog", linthresh=1)
+    if roi_half["half_time"].max() > 1:
+        ax.set_yscale("symlog", linthresh=1)
     ax.set_xlabel("ROI distance from V1 (mm)")
     ax.set_ylabel("half-time of forward encoding (iteration)")
-    ax.set_title(f"per ROI: {_corr_text(c, spearman=False)}, n = {c.n}")
+    ax.set_title(f"per ROI (n = {c.n})\n{_corr_text(c, spearman=False)}")
     _label(ax, "E")
     fig.suptitle(f"{params['model']}: training dynamics and half-times ({frac:.0%} of final value)")
     rows = [{"statistic": f"{r.metric}_score", "model": params["model"], "checkpoint": r.checkpoint,
@@ -557,6 +568,8 @@ PAPER_VALUES = {
     ("spatial_rho", "forward"): 0.27, ("spatial_p_spearman", "forward"): 3e-2,
     ("spatial_r", "backprop"): -0.27, ("spatial_p", "backprop"): 4e-2,
     ("spatial_rho", "backprop"): -0.34, ("spatial_p_spearman", "backprop"): 8e-3,
+    # sister paper (Raugel et al. 2025): half-time of each region vs its distance from V1
+    ("roi_half_time_vs_distance_r", "forward"): 0.91,
 }
 #: Statements of the paper without a single number, shown next to the matching rows.
 PAPER_NOTES = {
@@ -564,6 +577,8 @@ PAPER_NOTES = {
     ("temporal_r", "backprop"): "all layers peak together (Fig. 2F)",
     ("meg_peak_score", "residual"): "residual highest between 0.5 and 1.7 s (Fig. 4F)",
     ("encoding_score", "residual"): "residual significant in MEG and fMRI for every model (Fig. 3C, F)",
+    **{(f"half_time_{m}", "forward"): "sister paper: Temporal ~0.7%, Encoding ~2%, Spatial ~4% of training"
+       for m in ("temporal", "encoding_meg", "encoding_fmri", "spatial")},
 }
 HEADLINE_FIGURES = ("fig2_hierarchy", "fig3_residual", "fig4_models_mean", "fig_halftime")
 
@@ -588,7 +603,7 @@ def headline_table(tables: Mapping[str, str | os.PathLike], out: str | os.PathLi
         if name == "fig5_training":
             t = t[t["checkpoint"] == final_checkpoint(t)]
         elif name not in HEADLINE_FIGURES or name == "fig_halftime":
-            t = t[t["statistic"].str.startswith("half_time")] if name == "fig_halftime" else t.iloc[:0]
+            t = t[t["statistic"].str.contains("half_time")] if name == "fig_halftime" else t.iloc[:0]
         parts.append(t)
     table = pd.concat(parts, ignore_index=True)
     table = table[table["statistic"] != "meg_peak_time"]
