@@ -10,7 +10,7 @@ saves both (PDF + CSV), the rule entry point. See docs/figures.md for what each 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import matplotlib
 
