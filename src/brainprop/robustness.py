@@ -141,8 +141,7 @@ def run_robustness(nsd_dirs: Mapping[int, str], things_dirs: Mapping[int, str], 
     from brainprop.analysis import significant_map
     from brainprop.brain.meg import read_meg_table
 
-    group = pd.read_parquet(fmri_group)
-    group = group[group["layer"] == layer]
+    group = pd.read_parquet(fmri_group, filters=[("layer", "==", layer)])
     masks = {s: significant_map(group, s, layer, min_significant).vertex.to_numpy() for s in ("forward", "backprop")}
     frames = []
     feats, ids = grid_features(nsd_dirs, layer, pca_dims, seed)
