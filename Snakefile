@@ -5,7 +5,9 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The method; common.smk resolves the run's stack over it: base.yaml + (--configfile files, or the
+# demo overlay config/config.yaml when none are given) + --config (see config/README.md).
+configfile: f"{workflow.basedir}/config/base.yaml"
 
 
 include: "rules/common.smk"

@@ -1,9 +1,14 @@
-# Helpers of the workflow: config validation, target lists, input functions.
+# Helpers of the workflow: config resolution and validation, target lists, input functions.
+import os
 from pathlib import Path
 
-from brainprop.config import validate_config
+from brainprop.config import resolve_config
 
-validate_config(config, workflow.source_path("../workflow/schemas/config.schema.yaml"))
+# The run's configuration: base.yaml + overlays + --config, validated (brainprop.config.resolve_config).
+_resolved = resolve_config(workflow.overwrite_configfiles, dict(workflow.config_settings.config),
+                           workflow_dir=workflow.basedir, workdir=os.getcwd())
+config.clear()
+config.update(_resolved)
 
 RESULTS = config["results"]
 DATASETS = config["features"]["datasets"]
@@ -24,13 +29,19 @@ def checkpoints_of(model):
     raise ValueError(f"models.{model}.kind={entry['kind']!r} is not supported")
 
 
+def data_root(key):
+    """``data.<key>``; when unset, a path that names the key, so the rule that reads it (and only
+    that rule, when it has to run) fails with Snakemake's missing-input error naming it."""
+    return config["data"][key] or f"<data.{key} is not set: give the dataset root in a config overlay, see config/paper.yaml>"
+
+
 def stimulus_root(dataset):
     """Folder the stimulus table's ``source`` paths are relative to."""
     if config["demo"]:
         return f"{RESULTS}/demo/stimuli/{dataset}"
     if dataset == "things":
-        return config["data"]["things_images"]
-    return f"{config['data']['nsd']}/nsddata_stimuli/stimuli/nsd"
+        return data_root("things_images")
+    return f"{data_root('nsd')}/nsddata_stimuli/stimuli/nsd"
 
 
 def stimulus_table_inputs(wildcards):
@@ -39,7 +50,7 @@ def stimulus_table_inputs(wildcards):
     if wildcards.dataset == "things":
         return {"marker": f"{root}/captions.csv" if config["demo"] else root}
     info = (f"{root}/nsd_stim_info_merged.csv" if config["demo"]
-            else f"{config['data']['nsd']}/nsddata/experiments/nsd/nsd_stim_info_merged.csv")
+            else f"{data_root('nsd')}/nsddata/experiments/nsd/nsd_stim_info_merged.csv")
     return {"hdf5": f"{root}/nsd_stimuli.hdf5", "stim_info": info}
 
 
@@ -96,7 +107,7 @@ def brain_root(dataset):
     """Root of a brain dataset: the demo's simulated tree or the configured real root."""
     if config["demo"]:
         return f"{RESULTS}/demo/{dataset}"
-    return config["data"][dataset]
+    return data_root(dataset)
 
 
 def generator_features(dataset, kind):

@@ -1,20 +1,35 @@
-"""Configuration validation against the workflow's JSON schema (written in YAML).
+"""The workflow configuration: a stack of YAML files over the method, validated against the schema.
 
-``validate_config`` fills defaults from the schema, then reports every problem at once
-(unknown keys, wrong types, missing dataset roots) as one error naming each key by its
-dotted path, so a typo fails at DAG construction, before any job runs.
+Every run is ``config/base.yaml`` (the paper's method) plus overlays merged key by key in order,
+then ``--config`` values (:func:`resolve_config`). Without ``--configfile`` the overlay is the
+embedded demo (``config/config.yaml``); with ``--configfile A B`` the overlays are A then B and the
+demo overlay is not applied, so a real run never inherits a demo value. The Snakefile and the
+``brainprop config show`` command resolve the same stack.
+
+``validate_config`` fills defaults from the schema, then reports every problem at once (unknown
+keys with the nearest valid key, wrong types, cross-key inconsistencies) as one error naming each
+key by its dotted path, so a typo fails at DAG construction, before any job runs. Dataset roots are
+not checked here: the rules that read them do (a figure rebuilt from existing intermediates needs
+no raw data).
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
+import difflib
 import hashlib
 import json
 import os
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import yaml
 
-DATA_ROOTS = ("things_images", "things_meg", "nsd")
+BASE_CONFIG = "config/base.yaml"
+DEMO_OVERLAY = "config/config.yaml"
+SCHEMA = "workflow/schemas/config.schema.yaml"
 
 
 class ConfigError(ValueError):
@@ -41,6 +56,12 @@ def _fill_defaults(instance: dict, schema: dict) -> None:
                 _fill_defaults(value, extra)
 
 
+def _unknown_key(path, name: str, allowed: Sequence[str]) -> str:
+    near = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
+    hint = f"; did you mean {_key([*path, near[0]])!r}?" if near else ""
+    return f"{_key([*path, name])}: unknown key{hint} (allowed here: {', '.join(allowed)})"
+
+
 def validate_config(config: dict, schema_path: str | os.PathLike) -> dict:
     """Fill defaults into ``config`` (in place) and raise :class:`ConfigError` listing every problem."""
     import jsonschema
@@ -52,20 +73,10 @@ def validate_config(config: dict, schema_path: str | os.PathLike) -> dict:
     for err in sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path))):
         if err.validator == "additionalProperties":
             allowed = sorted(err.schema.get("properties", {}))
-            unknown = sorted(set(err.instance) - set(allowed))
-            for name in unknown:
-                problems.append(f"{_key([*err.absolute_path, name])}: unknown key (allowed here: {', '.join(allowed)})")
+            for name in sorted(set(err.instance) - set(allowed)):
+                problems.append(_unknown_key(err.absolute_path, name, allowed))
         else:
             problems.append(f"{_key(err.absolute_path)}: {err.message}")
-    if not config.get("demo", True):
-        missing = [f"data.{k}" for k in DATA_ROOTS if not (config.get("data") or {}).get(k)]
-        if missing:
-            problems.append(f"{', '.join(missing)}: required when demo is false (set the dataset roots, "
-                            "e.g. in config/paper.yaml)")
-        for k in DATA_ROOTS:
-            root = (config.get("data") or {}).get(k)
-            if root and not Path(root).exists():
-                problems.append(f"data.{k}: dataset root {root} does not exist")
     problems += _consistency(config)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
@@ -102,7 +113,83 @@ def _consistency(config: dict) -> list[str]:
     return out
 
 
+def merge_config(base: dict, overlay: Mapping) -> dict:
+    """``base`` with ``overlay`` merged key by key (nested mappings merged, everything else replaced),
+    as Snakemake merges config files; neither input is modified."""
+    out = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = merge_config(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _load_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def config_stack(configfiles: Sequence[str | os.PathLike] | None, workflow_dir: str | os.PathLike,
+                 workdir: str | os.PathLike | None = None) -> list[Path]:
+    """The files of a run, in merge order: the method, then ``configfiles`` or, when none are given,
+    the demo overlay (``config/config.yaml`` of ``workdir`` if it has one, else of the workflow)."""
+    workflow_dir = Path(workflow_dir)
+    if configfiles:
+        return [workflow_dir / BASE_CONFIG, *map(Path, configfiles)]
+    local = Path(workdir or os.getcwd()) / DEMO_OVERLAY
+    return [workflow_dir / BASE_CONFIG, local if local.is_file() else workflow_dir / DEMO_OVERLAY]
+
+
+def resolve_config(configfiles: Sequence[str | os.PathLike] | None = None, overrides: Mapping | None = None,
+                   workflow_dir: str | os.PathLike | None = None, workdir: str | os.PathLike | None = None) -> dict:
+    """Merge the run's config stack (:func:`config_stack`), then ``overrides`` (``--config``), fill the
+    schema's defaults and validate; returns the complete configuration of the run."""
+    if workflow_dir is None:  # this checkout (editable install), else the current folder
+        checkout = Path(__file__).resolve().parents[2]
+        workflow_dir = checkout if (checkout / BASE_CONFIG).is_file() else Path.cwd()
+    workflow_dir = Path(workflow_dir)
+    config: dict = {}
+    for path in config_stack(configfiles, workflow_dir, workdir):
+        config = merge_config(config, _load_yaml(path))
+    config = merge_config(config, overrides or {})
+    return validate_config(config, workflow_dir / SCHEMA)
+
 
 def config_hash(section: dict) -> str:
     """sha256 of the canonical JSON of a config section (used to tag checkpoints)."""
     return hashlib.sha256(json.dumps(section, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``brainprop config show [--configfile F ...] [--config KEY=VALUE ...]``: print the resolved run."""
+    parser = argparse.ArgumentParser(prog="brainprop", description="brainprop workflow utilities")
+    commands = parser.add_subparsers(dest="command", required=True)
+    cfg = commands.add_parser("config", help="the workflow configuration")
+    actions = cfg.add_subparsers(dest="action", required=True)
+    show = actions.add_parser("show", help="print the resolved, validated configuration of a config stack as YAML")
+    show.add_argument("--configfile", "--configfiles", nargs="+", default=None, metavar="FILE",
+                      help="overlays over config/base.yaml, as for snakemake (default: the demo overlay)")
+    show.add_argument("--config", "-C", nargs="+", default=None, metavar="KEY=VALUE",
+                      help="values set last, parsed as snakemake parses --config")
+    show.add_argument("--directory", "-d", default=None, help="working directory of the run (default: here)")
+    show.add_argument("--workflow-dir", default=None, help="the workflow's folder (default: this checkout)")
+    args = parser.parse_args(argv)
+    from snakemake.cli import parse_config
+
+    try:
+        resolved = resolve_config(args.configfile, parse_config(args.config), args.workflow_dir, args.directory)
+    except (ConfigError, ValueError) as err:
+        print(f"brainprop: {err}", file=sys.stderr)
+        return 2
+    yaml.safe_dump(resolved, sys.stdout, sort_keys=False, default_flow_style=False, width=110)
+    return 0
