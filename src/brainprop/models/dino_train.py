@@ -250,7 +250,7 @@ def train_segment(dataset, start: DinoCheckpoint, until: int, save: Mapping[int,
         teacher = copy.deepcopy(start.teacher).to(device).eval().requires_grad_(False)
         dino_center, ibot_center = start.dino_center.to(device, copy=True), start.ibot_center.to(device, copy=True)
         optimizer = _optimizer(student, cfg)
-        optimizer.load_state_dict(start.optimizer)
+        optimizer.load_state_dict(copy.deepcopy(start.optimizer))  # AdamW would step start's "step" tensors in place
         last_layers = [p for n, p in student.named_parameters() if "last_layer" in n]
 
         def state(it: int) -> DinoCheckpoint:
