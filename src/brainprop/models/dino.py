@@ -391,9 +391,14 @@ class MultiCropViews:
         return MultiCropViews(torch.stack([v.global_crops for v in views]), torch.stack([v.local_crops for v in views]),
                               torch.stack([v.masks for v in views]))
 
-    def to(self, device, dtype=None) -> "MultiCropViews":
-        return MultiCropViews(self.global_crops.to(device, dtype), self.local_crops.to(device, dtype),
-                              self.masks.to(device))
+    def to(self, device, dtype=None, non_blocking: bool = False) -> "MultiCropViews":
+        return MultiCropViews(self.global_crops.to(device, dtype, non_blocking=non_blocking),
+                              self.local_crops.to(device, dtype, non_blocking=non_blocking),
+                              self.masks.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "MultiCropViews":
+        """Page-locked copy (called by the DataLoader's pin-memory thread on custom batch types)."""
+        return MultiCropViews(self.global_crops.pin_memory(), self.local_crops.pin_memory(), self.masks.pin_memory())
 
 
 def _uniform(rng: random.Random, lo: float, hi: float) -> float:

@@ -267,7 +267,7 @@ def train_segment(dataset, start: DinoCheckpoint, until: int, save: Mapping[int,
         rows = []
         bar = tqdm(total=until - first, desc=f"DINO training {first}->{until}", unit="it", disable=until == first)
         for it, views in enumerate(loader, start=first):
-            views = views.to(device)
+            views = views.to(device, non_blocking=device.type == "cuda")  # pinned on CUDA
             lr, wd, temp = lr_at(it, cfg), weight_decay_at(it, cfg), teacher_temp_at(it, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
