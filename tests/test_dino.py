@@ -564,3 +564,13 @@ def test_bf16_training_on_cuda_keeps_fp32_weights_and_tracks_fp32(tmp_path):
         runs[amp] = hist
     # same initialisation and data; bf16 rounding only: losses agree to bf16 precision
     assert np.allclose(runs["bf16"].loss, runs["none"].loss, rtol=2e-2), (runs["bf16"].loss, runs["none"].loss)
+
+
+def test_segment_job_refuses_a_checkpoint_of_another_config(tmp_path):
+    from brainprop.models import initial_checkpoint, run_training_segment
+
+    save_checkpoint(tmp_path / "it0.pt", initial_checkpoint(RESUME, seed=5))
+    other = {**RESUME, "loss": {"student_temp": 0.2}}
+    with pytest.raises(ValueError, match=r"it0.pt: trained with another training config"):
+        run_training_segment([], [], other, tmp_path / "it0.pt", 2, tmp_path / "it2.pt", tmp_path / "log.parquet")
+    assert not (tmp_path / "it2.pt").exists()
