@@ -94,13 +94,11 @@ def features_config(wildcards):
 
 
 def training_roots(wildcards):
-    """Stimulus roots of the training datasets, in the order of training.datasets."""
+    """Roots of the training tables (same order as training_tables): the pretraining folder, or the
+    stimulus roots of training.datasets (training.images: stimuli)."""
+    if config["training"]["images"] == "pretraining":
+        return [config["data"]["pretraining_images"]]
     return [stimulus_root(d) for d in config["training"]["datasets"]]
-
-
-def training_image_size(wildcards):
-    """Size images are loaded at for training (the model's image_size)."""
-    return config["models"][wildcards.model]["image_size"]
 
 
 def brain_root(dataset):
@@ -180,3 +178,33 @@ def encoding_targets():
     """Group statistics of every (modality, model, checkpoint)."""
     return [f"{RESULTS}/encoding/{modality}/{m}/{c}/group.parquet"
             for modality in ("fmri", "meg") for m in config["models"] for c in checkpoints_of(m)]
+
+
+def training_tables(wildcards):
+    """Stimulus-format tables of the training images (training.images): the pretraining set, or the
+    stimulus tables of training.datasets. Pairs with training_roots, in the same order."""
+    if config["training"]["images"] == "pretraining":
+        return [f"{RESULTS}/training/pretraining.parquet"]
+    return [f"{RESULTS}/stimuli/{d}.parquet" for d in config["training"]["datasets"]]
+
+
+def previous_training_checkpoint(wildcards):
+    """The checkpoint a training segment resumes from: the last of training.checkpoints (or the
+    initialisation, iteration 0) before the segment's iteration."""
+    it = int(wildcards.iteration)
+    listed = config["training"]["checkpoints"]
+    if it not in listed:
+        raise ValueError(f"checkpoint_it{it}.pt: iteration {it} is not in training.checkpoints {listed}")
+    previous = max(c for c in [0, *listed] if c < it)
+    return f"{RESULTS}/training/{wildcards.model}/checkpoint_it{previous}.pt"
+
+
+def training_segment_end(wildcards):
+    """Iteration a training segment stops at (its checkpoint's)."""
+    return int(wildcards.iteration)
+
+
+def training_section(wildcards):
+    """training config without the keys that only choose checkpoints and images (narrow params:
+    adding a checkpoint or switching image sets does not rerun finished segments by itself)."""
+    return {k: v for k, v in config["training"].items() if k not in ("checkpoints", "datasets", "images")}

@@ -1,22 +1,47 @@
-# DINOv3-style self-supervised training from scratch, with checkpoints.
+# DINOv3-style self-supervised training from scratch, one job per checkpoint interval (resumable).
 
 
-rule train_dino:
-    input:
-        tables=expand(f"{RESULTS}/stimuli/{{dataset}}.parquet", dataset=config["training"]["datasets"]),
+rule pretraining_table:
     output:
-        checkpoints=[
-            f"{RESULTS}/training/{{model}}/checkpoint_it{it}.pt" for it in config["training"]["checkpoints"]
-        ],
+        table=f"{RESULTS}/training/pretraining.parquet",
     log:
-        f"{RESULTS}/logs/train_{{model}}.log",
+        f"{RESULTS}/logs/pretraining_table.log",
+    params:
+        root=config["data"]["pretraining_images"],
+        image_list=config["data"]["pretraining_list"],
+    script:
+        "../workflow/scripts/pretraining_table.py"
+
+
+rule train_dino_init:
+    output:
+        checkpoint=f"{RESULTS}/training/{{model}}/checkpoint_it0.pt",
+    log:
+        f"{RESULTS}/logs/train_{{model}}_it0.log",
+    params:
+        training=training_section,
+        seed=config["seed"],
+    script:
+        "../workflow/scripts/train_dino_init.py"
+
+
+rule train_dino_segment:
+    input:
+        previous=previous_training_checkpoint,
+        tables=training_tables,
+    output:
+        checkpoint=f"{RESULTS}/training/{{model}}/checkpoint_it{{iteration}}.pt",
+        log=f"{RESULTS}/training/{{model}}/log_it{{iteration}}.parquet",
+    log:
+        f"{RESULTS}/logs/train_{{model}}_it{{iteration}}.log",
+    wildcard_constraints:
+        iteration=r"[1-9]\d*",
     params:
         roots=training_roots,
-        image_size=training_image_size,
-        training=config["training"],
-        seed=config["seed"],
-    threads: 1
+        training=training_section,
+        until=training_segment_end,
+    threads: 8
     resources:
         gpu=1,
     script:
-        "../workflow/scripts/train_dino.py"
+        "../workflow/scripts/train_dino_segment.py"

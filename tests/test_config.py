@@ -243,7 +243,8 @@ def dry_run_jobs(text: str) -> list[tuple[str, dict]]:
 def test_demo_dag_builds():
     out = snakemake("-n", "--forceall", "--quiet", "rules")
     assert out.returncode == 0, out.stderr
-    assert "train_dino" in out.stdout and "extract_features" in out.stdout
+    assert "train_dino_segment" in out.stdout and "extract_features" in out.stdout
+    assert "pretraining_table" not in out.stdout  # the demo trains on its stimuli
 
 
 def test_paper_config_without_roots_fails_in_the_rule_that_reads_them():
@@ -256,7 +257,11 @@ def test_paper_config_without_roots_fails_in_the_rule_that_reads_them():
 
 @pytest.fixture(scope="module")
 def real_layout_roots(tmp_path_factory):
-    """THINGS images, THINGS-MEG (BIDS, 4 participants) and NSD (8 subjects) simulated in the real layouts."""
+    """THINGS images, THINGS-MEG (BIDS, 4 participants), NSD (8 subjects) simulated in the real layouts,
+    and a pretraining image folder in the ImageFolder layout."""
+    import numpy as np
+    from PIL import Image
+
     from brainprop.simulate.meg import simulate_things_meg, toy_features
     from brainprop.simulate.nsd import make_toy_inputs, simulate_nsd
     from brainprop.stimuli import generate_things_demo, things_stimulus_table
@@ -271,7 +276,12 @@ def real_layout_roots(tmp_path_factory):
     table, hdf5, fwd, bwd, ids = make_toy_inputs(root / "toy", n_images=40)
     simulate_nsd(root / "nsd", table, hdf5, fwd, bwd, ids,
                  {"n_subjects": 8, "n_sessions": 1, "trials_per_session": 40, "n_areas": 10}, seed=0)
-    return {"things_images": str(root / "things"), "things_meg": str(root / "things-meg"), "nsd": str(root / "nsd")}
+    for k in range(4):
+        path = root / "imagenet/train" / f"n0{k % 2}" / f"img{k}.JPEG"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((20, 24, 3), 40 * k, np.uint8)).save(path)
+    return {"things_images": str(root / "things"), "things_meg": str(root / "things-meg"), "nsd": str(root / "nsd"),
+            "pretraining_images": str(root / "imagenet/train")}
 
 
 @pytest.fixture(scope="module")
@@ -289,7 +299,9 @@ def paper_dry_run(real_layout_roots, tmp_path_factory):
 def test_paper_dag_with_real_layout_datasets_lists_the_whole_run(paper_dry_run):
     jobs = dry_run_jobs(paper_dry_run[1])
     rules = {r for r, _ in jobs}
-    assert "train_dino" in rules
+    assert {"pretraining_table", "train_dino_init"} <= rules
+    segments = {int(w["iteration"]) for r, w in jobs if r == "train_dino_segment" and w["model"] == "dinov3_s"}
+    assert segments == set(PAPER_CHECKPOINTS) - {0}
     ckpts = {f"it{i}" for i in PAPER_CHECKPOINTS}
     for dataset in ("things", "nsd"):
         got = {w["checkpoint"] for r, w in jobs if r == "extract_features" and w["dataset"] == dataset

@@ -413,3 +413,164 @@ def test_save_load_roundtrip_keeps_loss(trained):
     images, ids = _batch(2)
     with torch.no_grad():
         assert torch.equal(loss(images, ids)[0], reloaded(images, ids)[0])
+
+
+# ----------------------------------------------------------------------------- resumable segments
+
+# drop-path draws from the global torch RNG in every step, so a resume that lost the RNG state diverges;
+# 8 images / batch 4 = 2 batches per epoch, so segments end mid-epoch and cross epochs
+RESUME = {**TINY, "iterations": 6, "arch": {**TINY["arch"], "kwargs": {**TINY["arch"]["kwargs"], "drop_path_rate": 0.2}}}
+
+
+def _nested_equal(a, b, where="") -> None:
+    """Assert two checkpoint payloads are bit-identical: every tensor torch.equal, every other value ==."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), (where, sorted(a), sorted(b))
+        for k in a:
+            _nested_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _nested_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
+
+
+def _resume(path, until, out, dataset, **kwargs):
+    from brainprop.models import train_segment
+
+    ckpt = load_checkpoint(path, "cpu", training_state=True)
+    return train_segment(dataset, ckpt, until, {until: out}, device="cpu", log_every=0, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """One run 0 -> 6 of RESUME (only its last checkpoint written) and its loss log."""
+    path = tmp_path_factory.mktemp("resume") / "it6.pt"
+    hist = train_dino(TextureDataset(8), RESUME, [6], [path], seed=5, device="cpu", log_every=0)
+    return path, hist
+
+
+def test_checkpoint_holds_the_full_training_state(uninterrupted):
+    payload = torch.load(uninterrupted[0], weights_only=True)
+    assert payload["format"] == "brainprop.dino.checkpoint/2" and payload["iteration"] == 6
+    state = payload["optimizer"]["state"]
+    n_params = len(payload["optimizer"]["param_groups"][0]["params"]) + len(payload["optimizer"]["param_groups"][1]["params"])
+    assert len(state) == n_params and all(float(s["step"]) == 6 for s in state.values())
+    assert payload["rng"]["torch"].dtype == torch.uint8 and payload["rng"]["cuda"] is None
+    plain = load_checkpoint(uninterrupted[0], "cpu")
+    assert plain.optimizer is None and plain.rng is None  # feature extraction does not carry the AdamW moments
+
+
+def test_segmented_training_is_bit_identical_to_uninterrupted(uninterrupted, tmp_path):
+    from brainprop.models import initial_checkpoint
+
+    ds = TextureDataset(8)
+    save_checkpoint(tmp_path / "it0.pt", initial_checkpoint(RESUME, seed=5))
+    _, log_a = _resume(tmp_path / "it0.pt", 3, tmp_path / "it3.pt", ds)  # stops mid-epoch (epoch 1, batch 1)
+    _, log_b = _resume(tmp_path / "it3.pt", 6, tmp_path / "it6.pt", ds)
+    _nested_equal(torch.load(tmp_path / "it6.pt", weights_only=True), torch.load(uninterrupted[0], weights_only=True))
+    pd_log = uninterrupted[1]
+    assert list(log_a.iteration) == [0, 1, 2] and list(log_b.iteration) == [3, 4, 5]
+    assert np.array_equal(np.concatenate([log_a.loss, log_b.loss]), pd_log.loss.to_numpy())
+
+
+def test_training_state_and_rng_are_needed_for_identity(uninterrupted, tmp_path):
+    """Guards the test above: dropping the RNG or the AdamW state from the checkpoint does change the result,
+    and resuming does not modify the checkpoint it starts from (the same one is resumed three times)."""
+    from dataclasses import replace
+
+    from brainprop.models import initial_checkpoint, train_segment
+
+    ds = TextureDataset(8)
+    ckpt3, _ = train_segment(ds, initial_checkpoint(RESUME, seed=5), 3, device="cpu", log_every=0)
+    reference = torch.load(uninterrupted[0], weights_only=True)["student"]
+    fresh_rng = {"torch": torch.Generator().manual_seed(0).get_state(), "cuda": None}
+    fresh_opt = {"state": {}, "param_groups": ckpt3.optimizer["param_groups"]}
+    for broken in (replace(ckpt3, rng=fresh_rng), replace(ckpt3, optimizer=fresh_opt)):
+        final, _ = train_segment(ds, broken, 6, device="cpu", log_every=0)
+        assert not _state_equal(final.student.state_dict(), reference)
+    final, _ = train_segment(ds, ckpt3, 6, device="cpu", log_every=0)  # the in-memory state itself resumes exactly
+    assert _state_equal(final.student.state_dict(), reference)
+
+
+def test_interrupted_segment_leaves_no_checkpoint_and_rerun_resumes(uninterrupted, tmp_path, monkeypatch):
+    from brainprop.models import dino_train, initial_checkpoint
+
+    ds = TextureDataset(8)
+    save_checkpoint(tmp_path / "it0.pt", initial_checkpoint(RESUME, seed=5))
+    _resume(tmp_path / "it0.pt", 2, tmp_path / "it2.pt", ds)
+    real = dino_train.momentum_at
+
+    def killed_at_4(it, cfg):
+        if it == 4:
+            raise KeyboardInterrupt("walltime")  # what a SIGINT/SIGTERM turned into an exception looks like
+        return real(it, cfg)
+
+    monkeypatch.setattr(dino_train, "momentum_at", killed_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        _resume(tmp_path / "it2.pt", 6, tmp_path / "it6.pt", ds)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["it0.pt", "it2.pt"]  # no partial or temporary file
+    monkeypatch.setattr(dino_train, "momentum_at", real)
+    _resume(tmp_path / "it2.pt", 6, tmp_path / "it6.pt", ds)
+    _nested_equal(torch.load(tmp_path / "it6.pt", weights_only=True), torch.load(uninterrupted[0], weights_only=True))
+
+
+def test_results_do_not_depend_on_the_worker_count(tmp_path):
+    cfg = {**TINY, "iterations": 2}
+    for workers in (0, 2):
+        train_dino(TextureDataset(8), cfg, [2], [tmp_path / f"w{workers}.pt"], seed=2, device="cpu", log_every=0,
+                   num_workers=workers)
+    _nested_equal(torch.load(tmp_path / "w0.pt", weights_only=True), torch.load(tmp_path / "w2.pt", weights_only=True))
+
+
+def test_segment_arguments_are_checked(uninterrupted, tmp_path, caplog):
+    from brainprop.models import initial_checkpoint, train_segment
+
+    ds = TextureDataset(8)
+    start = initial_checkpoint(RESUME, seed=5)
+    with pytest.raises(ValueError, match="training_state=True"):
+        train_segment(ds, load_checkpoint(uninterrupted[0], "cpu"), 6)
+    with pytest.raises(ValueError, match="iterations=6"):
+        train_segment(ds, start, 7)
+    with pytest.raises(ValueError, match="save iterations"):
+        train_segment(ds, start, 2, {3: tmp_path / "x.pt"})
+    with caplog.at_level("INFO", logger="brainprop.models.dino_train"):
+        train_segment(ds, start, 0, device="cpu")
+    assert "amp bf16 is for CUDA only" in caplog.text
+
+
+def test_loader_workers_split_the_threads():
+    from brainprop.models.dino_train import loader_workers
+
+    assert loader_workers(1, "cpu") == (0, 1) and loader_workers(2, "cpu") == (0, 2)
+    assert loader_workers(8, "cpu") == (2, 6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 autocast training needs CUDA")
+def test_bf16_training_on_cuda_keeps_fp32_weights_and_tracks_fp32(tmp_path):
+    from brainprop.models import initial_checkpoint, train_segment
+
+    ds = TextureDataset(16)
+    cfg = {**TINY, "iterations": 3}
+    runs = {}
+    for amp in ("bf16", "none"):
+        final, hist = train_segment(ds, initial_checkpoint({**cfg, "amp": amp}, seed=1), 3, device="cuda",
+                                    log_every=0)
+        assert all(p.dtype == torch.float32 for p in final.student.parameters())
+        assert all(s["exp_avg"].dtype == torch.float32 for s in final.optimizer["state"].values())
+        runs[amp] = hist
+    # same initialisation and data; bf16 rounding only: losses agree to bf16 precision
+    assert np.allclose(runs["bf16"].loss, runs["none"].loss, rtol=2e-2), (runs["bf16"].loss, runs["none"].loss)
+
+
+def test_segment_job_refuses_a_checkpoint_of_another_config(tmp_path):
+    from brainprop.models import initial_checkpoint, run_training_segment
+
+    save_checkpoint(tmp_path / "it0.pt", initial_checkpoint(RESUME, seed=5))
+    other = {**RESUME, "loss": {"student_temp": 0.2}}
+    with pytest.raises(ValueError, match=r"it0.pt: trained with another training config"):
+        run_training_segment([], [], other, tmp_path / "it0.pt", 2, tmp_path / "it2.pt", tmp_path / "log.parquet")
+    assert not (tmp_path / "it2.pt").exists()

@@ -6,6 +6,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from brainprop.stimuli import (StimulusDataset, build_stimulus_table, demo_concepts, generate_nsd_demo,
                                generate_things_demo, nsd_stimulus_table, things_stimulus_table)
@@ -99,3 +100,73 @@ def test_missing_image_is_named(things_root):
     table["source"] = "images_meg/none/none_01s.jpg"
     with pytest.raises(FileNotFoundError, match="none_01s.jpg"):
         StimulusDataset(table, things_root, 16)[0]
+
+
+# ----------------------------------------------------------------------------- pretraining images
+
+
+@pytest.fixture()
+def imagefolder(tmp_path):
+    """ImageFolder tree: 2 classes, mixed extensions and sizes (one portrait 90 x 60), a non-image file."""
+    from PIL import Image
+
+    root = tmp_path / "train"
+    rng = np.random.default_rng(0)
+    sizes = {"n02/b.PNG": (40, 50), "n01/a.JPEG": (90, 60), "n01/c.jpg": (20, 20), "n02/sub/d.jpeg": (64, 48)}
+    for rel, (h, w) in sizes.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / rel)
+    (root / "n01" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_pretraining_table_scans_sorted_and_reads_as_stimuli(imagefolder):
+    from brainprop.stimuli import TABLE_COLUMNS, pretraining_table
+
+    table = pretraining_table(imagefolder)
+    assert list(table.columns) == TABLE_COLUMNS
+    assert list(table.source) == ["n01/a.JPEG", "n01/c.jpg", "n02/b.PNG", "n02/sub/d.jpeg"]
+    assert list(table.image_id) == ["n01/a", "n01/c", "n02/b", "n02/sub/d"]
+    assert list(table.concept) == ["n01", "n01", "n02", "n02"] and (table.hdf5_row == -1).all()
+    ds = StimulusDataset(table, imagefolder, max_short_side=30)
+    shapes = [tuple(ds[i][0].shape) for i in range(len(ds))]
+    # shorter side down to 30 with the aspect kept; the 20 x 20 image is not upscaled
+    assert shapes == [(3, 45, 30), (3, 20, 20), (3, 30, 38), (3, 40, 30)]
+    assert ds[1][1] == "n01/c" and ds[1][0].dtype == torch.uint8
+    assert tuple(StimulusDataset(table, imagefolder)[0][0].shape) == (3, 90, 60)  # native size
+
+
+def test_pretraining_list_overrides_the_scan(imagefolder, tmp_path):
+    from brainprop.stimuli import pretraining_table
+
+    listing = tmp_path / "list.txt"
+    listing.write_text("# subset\nn02/b.PNG\n\nn01/a.JPEG\n")
+    assert list(pretraining_table(imagefolder, listing).source) == ["n02/b.PNG", "n01/a.JPEG"]
+    listing.write_text("n01/a.JPEG\nn01/gone.JPEG\n")
+    with pytest.raises(FileNotFoundError, match="n01/gone.JPEG"):
+        pretraining_table(imagefolder, listing)
+
+
+def test_pretraining_root_errors_name_the_key(tmp_path):
+    from brainprop.stimuli import build_pretraining_table
+
+    with pytest.raises(FileNotFoundError, match=r"data.pretraining_images: .*nowhere does not exist"):
+        build_pretraining_table(tmp_path / "nowhere", None, tmp_path / "t.parquet")
+    with pytest.raises(FileNotFoundError, match="data.pretraining_images is not set"):
+        build_pretraining_table(None, None, tmp_path / "t.parquet")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images under"):
+        build_pretraining_table(tmp_path / "empty", None, tmp_path / "t.parquet")
+    assert not (tmp_path / "t.parquet").exists()
+
+
+def test_corrupt_image_is_named(imagefolder):
+    from brainprop.stimuli import pretraining_table
+
+    table = pretraining_table(imagefolder)
+    data = (imagefolder / "n02/b.PNG").read_bytes()
+    (imagefolder / "n02/b.PNG").write_bytes(data[: len(data) // 2])  # truncated file
+    ds = StimulusDataset(table, imagefolder, max_short_side=30)
+    ds[0]
+    with pytest.raises(ValueError, match=r"cannot decode image .*n02/b.PNG"):
+        ds[2]

@@ -292,16 +292,24 @@ def _merge_captions(table: pd.DataFrame, captions: pd.Series, path) -> pd.DataFr
 
 
 class StimulusDataset:
-    """Torch-style dataset over a stimulus table: item -> ``(uint8 tensor (3, S, S), image_id)``.
+    """Torch-style dataset over a stimulus table: item -> ``(uint8 tensor (3, h, w), image_id)``.
 
-    Images are resized (bilinear, antialiased) to ``image_size`` x ``image_size`` so batches stack;
-    the model's own preprocessing (crops, normalisation) happens later.
+    Images are decoded and converted to RGB, then resized (bilinear, antialiased) either to
+    ``image_size`` x ``image_size`` (so batches stack; feature extraction) or, with
+    ``max_short_side``, down to that shorter side with the aspect ratio kept (training: bounds the
+    decode and multi-crop work on large images; smaller images are left as they are). With
+    neither, images keep their own size. The model's own preprocessing (crops, normalisation)
+    happens later. An unreadable image raises ``ValueError`` naming the file.
     """
 
-    def __init__(self, table: pd.DataFrame, root: str | os.PathLike, image_size: int):
+    def __init__(self, table: pd.DataFrame, root: str | os.PathLike, image_size: int | None = None,
+                 max_short_side: int | None = None):
+        if image_size is not None and max_short_side is not None:
+            raise ValueError("StimulusDataset: give image_size (square) or max_short_side, not both")
         self.table = table.reset_index(drop=True)
         self.root = Path(root)
-        self.image_size = int(image_size)
+        self.image_size = None if image_size is None else int(image_size)
+        self.max_short_side = None if max_short_side is None else int(max_short_side)
         self._h5 = None
 
     def __len__(self) -> int:
@@ -319,8 +327,21 @@ class StimulusDataset:
         path = self.root / row.source
         if not path.exists():
             raise FileNotFoundError(f"stimulus image {path} (image_id {row.image_id}) is missing")
-        with Image.open(path) as im:
-            return np.array(im.convert("RGB"))
+        try:
+            with Image.open(path) as im:
+                if self.max_short_side is not None:  # JPEG: decode at a reduced scale >= the target (cheap)
+                    im.draft("RGB", (self.max_short_side, self.max_short_side))
+                return np.array(im.convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for truncated or corrupt files
+            raise ValueError(f"cannot decode image {path} (image_id {row.image_id}): {err}") from err
+
+    def _target_size(self, h: int, w: int) -> tuple[int, int]:
+        if self.image_size is not None:
+            return self.image_size, self.image_size
+        if self.max_short_side is not None and min(h, w) > self.max_short_side:
+            scale = self.max_short_side / min(h, w)
+            return max(self.max_short_side, round(h * scale)), max(self.max_short_side, round(w * scale))
+        return h, w
 
     def __getitem__(self, i: int):
         import torch
@@ -328,10 +349,80 @@ class StimulusDataset:
 
         row = self.table.iloc[i]
         img = torch.from_numpy(self._load(row)).permute(2, 0, 1)
-        if img.shape[-2:] != (self.image_size, self.image_size):
-            img = F.interpolate(img[None].float(), size=(self.image_size,) * 2, mode="bilinear",
+        size = self._target_size(*img.shape[-2:])
+        if img.shape[-2:] != size:
+            img = F.interpolate(img[None].float(), size=size, mode="bilinear",
                                 antialias=True, align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
         return img, str(row.image_id)
+
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
+
+
+def pretraining_table(root: str | os.PathLike | None, image_list: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Index a pretraining image set (ImageFolder layout ``<class>/<file>.JPEG``, e.g. ImageNet-1k ``train/``).
+
+    Parameters
+    ----------
+    root : the folder (``data.pretraining_images``), scanned recursively for files with an extension of
+        :data:`IMAGE_EXTENSIONS` (any case), sorted by relative path.
+    image_list : optional text file (``data.pretraining_list``), one path per line relative to ``root``
+        (blank lines and ``#`` comments skipped); it replaces the scan, in its own order.
+
+    Returns
+    -------
+    DataFrame in the stimulus-table format (:data:`TABLE_COLUMNS`): ``image_id`` = relative path without
+    extension, ``dataset`` = "pretraining", ``source`` = relative path, ``hdf5_row`` = -1,
+    ``concept`` = first folder (the class; "" for files at the top), ``caption`` = "", ``split`` = "train".
+
+    Raises
+    ------
+    FileNotFoundError : ``root`` is unset or missing, or a listed file is missing (naming it).
+    ValueError : no image found, or duplicate image ids.
+    """
+    if not root:
+        raise FileNotFoundError("data.pretraining_images is not set: it must name the pretraining image folder "
+                                "(ImageFolder layout <class>/<file>.JPEG), or set training.images: stimuli")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.pretraining_images: pretraining image folder {root} does not exist")
+    if image_list:
+        lines = [ln.strip() for ln in Path(image_list).read_text().splitlines()]
+        rel = [ln for ln in lines if ln and not ln.startswith("#")]
+        missing = [r for r in rel if not (root / r).is_file()]
+        if missing:
+            raise FileNotFoundError(f"data.pretraining_list {image_list}: {len(missing)} listed files are missing "
+                                    f"under {root}, e.g. {root / missing[0]}")
+    else:
+        rel = sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                     if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not rel:
+        raise ValueError(f"no images under data.pretraining_images {root} (extensions {IMAGE_EXTENSIONS})")
+    paths = [Path(r) for r in rel]
+    table = pd.DataFrame({
+        "image_id": [p.with_suffix("").as_posix() for p in paths],
+        "dataset": "pretraining",
+        "source": [p.as_posix() for p in paths],
+        "hdf5_row": np.full(len(paths), -1, dtype=np.int64),
+        "concept": [p.parts[0] if len(p.parts) > 1 else "" for p in paths],
+        "caption": "",
+        "split": "train",
+    })
+    dup = table.image_id[table.image_id.duplicated()]
+    if len(dup):
+        raise ValueError(f"duplicate pretraining image ids (same path, other extension): {sorted(set(dup))[:10]}")
+    return table
+
+
+def build_pretraining_table(root: str | os.PathLike | None, image_list: str | os.PathLike | None,
+                            out: str | os.PathLike) -> pd.DataFrame:
+    """Rule entry point: index the pretraining images (:func:`pretraining_table`) and write the Parquet table."""
+    from brainprop.utils import save_parquet_atomic
+
+    table = pretraining_table(root, image_list)
+    save_parquet_atomic(table, out)
+    log.info("pretraining table: %d images in %d classes under %s", len(table), table.concept.nunique(), root)
+    return table
 
 
 def build_stimulus_table(dataset: str, root: str | os.PathLike, out: str | os.PathLike,

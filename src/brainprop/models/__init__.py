@@ -31,7 +31,13 @@ from brainprop.models.dino_loss import (
     sinkhorn_knopp,
     softmax_centered,
 )
-from brainprop.models.dino_train import run_training, train_dino
+from brainprop.models.dino_train import (
+    initial_checkpoint,
+    run_training_init,
+    run_training_segment,
+    train_dino,
+    train_segment,
+)
 
 
 def build_image_wise_loss(model: dict, checkpoint, seed: int, device=None):
@@ -48,6 +54,7 @@ __all__ = [
     "DEFAULT_IMAGEWISE_LOSS_CONFIG", "DEFAULT_TRAINING_CONFIG", "DinoCheckpoint", "DinoHead", "DinoModel",
     "ImageWiseDinoLoss", "MultiCropViews", "build_backbone", "build_dino_model", "count_parameters",
     "dino_loss_per_image", "forward_tokens", "ibot_loss_per_image", "koleo_loss", "load_checkpoint", "make_views",
-    "plain_view", "resolve_imagewise_config", "run_training", "build_image_wise_loss", "resolve_training_config", "save_checkpoint", "sinkhorn_knopp",
+    "plain_view", "resolve_imagewise_config", "initial_checkpoint", "run_training_init", "run_training_segment",
+    "train_segment", "build_image_wise_loss", "resolve_training_config", "save_checkpoint", "sinkhorn_knopp",
     "softmax_centered", "train_dino", "training_config_hash",
 ]

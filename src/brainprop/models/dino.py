@@ -32,7 +32,7 @@ from brainprop.utils import atomic_output, get_logger
 
 log = get_logger(__name__)
 
-CHECKPOINT_FORMAT = "brainprop.dino.checkpoint/1"
+CHECKPOINT_FORMAT = "brainprop.dino.checkpoint/2"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CENTERINGS = ("sinkhorn", "softmax")
@@ -40,11 +40,13 @@ MASK_MODES = ("block", "random")
 # Keys of the workflow's ``training:`` section that concern the rule (which images, which checkpoints,
 # which seed; all passed to ``train_dino`` separately), not the model and its optimisation: they are
 # accepted, ignored, and left out of the config hash (so adding a checkpoint keeps the hash).
-WORKFLOW_KEYS = ("checkpoints", "seed", "datasets")
+WORKFLOW_KEYS = ("checkpoints", "seed", "datasets", "images", "max_short_side")
+AMP_MODES = ("bf16", "none")
 
 DEFAULT_TRAINING_CONFIG: dict = {
-    "iterations": 125000,
+    "iterations": 500000,
     "batch_size": 256,
+    "amp": "bf16",
     "arch": {"timm_name": "vit_small_patch16_dinov3", "kwargs": {}},
     "head": {
         "n_layers": 3,
@@ -156,6 +158,7 @@ def resolve_training_config(cfg: dict | None) -> dict:
     out = _merge(DEFAULT_TRAINING_CONFIG, cfg, "", free=("arch.kwargs",))
     for key, low in (("iterations", 0), ("batch_size", 1)):
         _check(isinstance(out[key], int) and out[key] >= low, key, f"an int >= {low}", out[key])
+    _check(out["amp"] in AMP_MODES, "amp", f"one of {AMP_MODES}", out["amp"])
     _check(isinstance(out["arch"]["timm_name"], str), "arch.timm_name", "a timm model name", out["arch"]["timm_name"])
     _check(isinstance(out["arch"]["kwargs"], dict), "arch.kwargs", "a mapping", out["arch"]["kwargs"])
     for key in ("n_layers", "hidden_dim", "bottleneck_dim", "n_prototypes", "ibot_n_prototypes"):
@@ -388,9 +391,14 @@ class MultiCropViews:
         return MultiCropViews(torch.stack([v.global_crops for v in views]), torch.stack([v.local_crops for v in views]),
                               torch.stack([v.masks for v in views]))
 
-    def to(self, device, dtype=None) -> "MultiCropViews":
-        return MultiCropViews(self.global_crops.to(device, dtype), self.local_crops.to(device, dtype),
-                              self.masks.to(device))
+    def to(self, device, dtype=None, non_blocking: bool = False) -> "MultiCropViews":
+        return MultiCropViews(self.global_crops.to(device, dtype, non_blocking=non_blocking),
+                              self.local_crops.to(device, dtype, non_blocking=non_blocking),
+                              self.masks.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "MultiCropViews":
+        """Page-locked copy (called by the DataLoader's pin-memory thread on custom batch types)."""
+        return MultiCropViews(self.global_crops.pin_memory(), self.local_crops.pin_memory(), self.masks.pin_memory())
 
 
 def _uniform(rng: random.Random, lo: float, hi: float) -> float:
@@ -579,6 +587,9 @@ class DinoCheckpoint:
     teacher_temp : teacher temperature of the schedule at this iteration.
     config, config_hash : resolved training config and its sha256 (:func:`training_config_hash`).
     seed : training seed.
+    optimizer : AdamW ``state_dict()`` (CPU tensors) at this iteration, for resuming; None when not loaded.
+    rng : ``{"torch": ByteTensor, "cuda": ByteTensor | None}`` global RNG states at this iteration; None
+        when not loaded. The data order needs no state: it is a function of (seed, iteration).
     """
 
     student: DinoModel
@@ -590,6 +601,19 @@ class DinoCheckpoint:
     config: dict
     config_hash: str
     seed: int
+    optimizer: dict | None = None
+    rng: dict | None = None
+
+
+def _to_cpu(obj):
+    """Copy of a nested dict / list / tuple with every tensor moved to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 def _cpu_state(module: nn.Module) -> dict:
@@ -597,7 +621,10 @@ def _cpu_state(module: nn.Module) -> dict:
 
 
 def save_checkpoint(path: str | os.PathLike, ckpt: DinoCheckpoint) -> None:
-    """Write ``ckpt`` to one file (torch.save of plain tensors and Python values) through a temporary file."""
+    """Write ``ckpt`` to one file (torch.save of plain tensors and Python values) through a temporary file.
+
+    A checkpoint with ``optimizer`` and ``rng`` is resumable (:func:`brainprop.models.dino_train.train_segment`).
+    """
     payload = {
         "format": CHECKPOINT_FORMAT,
         "iteration": int(ckpt.iteration),
@@ -609,13 +636,18 @@ def save_checkpoint(path: str | os.PathLike, ckpt: DinoCheckpoint) -> None:
         "config": ckpt.config,
         "config_hash": ckpt.config_hash,
         "seed": int(ckpt.seed),
+        "optimizer": _to_cpu(ckpt.optimizer),
+        "rng": _to_cpu(ckpt.rng),
     }
     with atomic_output(path, ".pt.tmp") as tmp, open(tmp, "wb") as fh:
         torch.save(payload, fh)
 
 
-def load_checkpoint(path: str | os.PathLike, device=None) -> DinoCheckpoint:
+def load_checkpoint(path: str | os.PathLike, device=None, training_state: bool = False) -> DinoCheckpoint:
     """Rebuild student and teacher (eval mode, teacher frozen) from a checkpoint file; no download.
+
+    ``training_state=True`` also returns the optimizer and RNG states (CPU) needed to resume training;
+    by default they are dropped (the AdamW moments are twice the size of the student).
 
     Raises
     ------
@@ -643,4 +675,5 @@ def load_checkpoint(path: str | os.PathLike, device=None) -> DinoCheckpoint:
         student=student.to(device).eval(), teacher=teacher.to(device).eval(),
         dino_center=payload["dino_center"].to(device), ibot_center=payload["ibot_center"].to(device),
         iteration=int(payload["iteration"]), teacher_temp=float(payload["teacher_temp"]), config=cfg,
-        config_hash=payload["config_hash"], seed=int(payload["seed"]))
+        config_hash=payload["config_hash"], seed=int(payload["seed"]),
+        optimizer=payload["optimizer"] if training_state else None, rng=payload["rng"] if training_state else None)
