@@ -78,7 +78,7 @@ def test_read_ctab_formats(tmp_path):
 def test_roi_geometry_against_direct_computation(anat):
     table = atlas.roi_geometry(anat, surface="white")
     assert list(table.columns) == ["hemi", "roi", "name", "n_vertices", "x", "y", "z",
-                                   "dist_euclid", "dist_geodesic", "dist_geodesic_centroid"]
+                                   "dist_euclidean", "dist_geodesic", "dist_geodesic_centroid"]
     assert len(table) == 2 * 12 and set(table["hemi"]) == {"lh", "rh"}
     labels = atlas.vertex_rois(anat)
     assert labels.shape == (2 * 10242,) and set(np.unique(labels)) <= set(atlas.read_ctab(atlas.ctab_path(anat)))
@@ -88,12 +88,12 @@ def test_roi_geometry_against_direct_computation(anat):
         lab = labels[h * n : (h + 1) * n]
         v1c = coords[lab == 1].mean(axis=0)
         sub = table[table["hemi"] == hemi].set_index("name")
-        assert sub.loc["V1", ["dist_euclid", "dist_geodesic", "dist_geodesic_centroid"]].tolist() == [0, 0, 0]
+        assert sub.loc["V1", ["dist_euclidean", "dist_geodesic", "dist_geodesic_centroid"]].tolist() == [0, 0, 0]
         for name, row in sub.iterrows():
             idx = lab == row["roi"]
             assert row["n_vertices"] == idx.sum()
             np.testing.assert_allclose(row[["x", "y", "z"]].to_numpy(float), coords[idx].mean(axis=0))
-            np.testing.assert_allclose(row["dist_euclid"], np.linalg.norm(coords[idx].mean(axis=0) - v1c))
+            np.testing.assert_allclose(row["dist_euclidean"], np.linalg.norm(coords[idx].mean(axis=0) - v1c))
     # per-vertex path lengths can never be shorter than the straight line to the nearest V1 vertex
     dist = atlas.vertex_distance_from_v1(anat)
     for h, hemi in enumerate(("lh", "rh")):
@@ -117,7 +117,7 @@ def test_roi_geometry_against_direct_computation(anat):
     lh = table[table["hemi"] == "lh"].set_index("name")
     np.testing.assert_allclose(lh.loc["V2", "dist_geodesic"], dist[:n][labels[:n] == lh.loc["V2", "roi"]].mean())
     # distances from V1 correlate between the two definitions
-    assert np.corrcoef(table["dist_euclid"], table["dist_geodesic"])[0, 1] > 0.8
+    assert np.corrcoef(table["dist_euclidean"], table["dist_geodesic"])[0, 1] > 0.8
 
 
 def test_prepare_roi_table_writes_parquet(anat, tmp_path):
