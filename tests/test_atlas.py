@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from brainprop.brain import atlas
 from brainprop.simulate.nsd import write_anatomy
@@ -155,3 +157,33 @@ def test_label_and_surface_mismatches_are_errors(anat, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"lh white surface not found: .*lh\.white"):
         atlas.read_surface(root, "lh", "white")
     assert atlas.n_vertices_per_hemi(root, "lh") == 10242  # falls back to another surface
+
+
+def test_merge_hemispheres_one_row_per_area(anat):
+    table = atlas.roi_geometry(anat, surface="white")
+    merged = atlas.merge_hemispheres(table)
+    assert len(merged) == 12 and (merged["hemi"] == atlas.BOTH).all() and (merged["n_hemispheres"] == 2).all()
+    assert {"x", "y", "z"}.isdisjoint(merged.columns) and set(atlas.DISTANCES) <= set(merged.columns)
+    labels, dist = atlas.vertex_rois(anat), atlas.vertex_distance_from_v1(anat)
+    for row in merged.itertuples():
+        idx = labels == row.roi  # the area's vertices of both hemispheres
+        assert row.n_vertices == idx.sum()
+        # geodesic: the mean over all its vertices of the distance from their own hemisphere's V1
+        np.testing.assert_allclose(row.dist_geodesic, dist[idx].mean())
+        per = table[table["roi"] == row.roi]
+        np.testing.assert_allclose(row.dist_euclidean, np.average(per["dist_euclidean"], weights=per["n_vertices"]))
+    assert merged.set_index("name").loc["V1", list(atlas.DISTANCES)].tolist() == [0, 0, 0]
+    pd.testing.assert_frame_equal(atlas.analysis_rois(table, "merged"), merged)
+    pd.testing.assert_frame_equal(atlas.analysis_rois(table, "separate"), table)
+    renamed = table.copy()
+    renamed.loc[(renamed["hemi"] == "rh") & (renamed["roi"] == 4), "name"] = "other"
+    with pytest.raises(ValueError, match=r"ROI labels \[4\] have different names"):
+        atlas.merge_hemispheres(renamed)
+
+
+def test_distance_names_are_one_set_from_table_to_config(anat):
+    schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow/schemas/config.schema.yaml").read_text())
+    figures = schema["properties"]["figures"]["properties"]
+    assert tuple(figures["distance"]["enum"]) == atlas.DISTANCES  # every figures.distance is a table column
+    assert tuple(figures["roi_hemispheres"]["enum"]) == atlas.ROI_HEMISPHERES
+    assert set(atlas.DISTANCES) <= set(atlas.roi_geometry(anat, surface="sphere").columns)
