@@ -579,3 +579,64 @@ def test_headline_reports_n_rois_next_to_every_spatial_score(tmp_path):
     fwd = spatial.set_index(["statistic", "signal"]).loc[("spatial_r", "forward")]
     bwd = spatial.set_index(["statistic", "signal"]).loc[("spatial_r", "backprop")]
     assert fwd.value > 0.9 and fwd.paper_value == 0.35 and bwd.value < -0.9 and bwd.paper_value == -0.27
+
+
+def _figure_inputs(tmp_path, checkpoints=("it10",)):
+    """Parquet/npy inputs of the ROI figures from the 2 x 180-area atlas and planted MEG peaks (after a
+    larger baseline bump at -0.4 s that the peak search must ignore)."""
+    labels, rois, group, _ = _two_hemisphere_atlas(np.random.default_rng(12))
+    times = np.round(np.arange(-0.5, 1.5, 1 / 30), 6)
+    inputs = {"rois": tmp_path / "rois.parquet", "vertex_rois": tmp_path / "vertex_rois.npy", "fmri": [], "meg": []}
+    rois.to_parquet(inputs["rois"])
+    np.save(inputs["vertex_rois"], labels)
+    for i, ckpt in enumerate(checkpoints):
+        scale = (i + 1) / len(checkpoints)
+        meg = pd.concat([_meg_group(times[[21, 23, 25, 27, 29]], times, "forward", ckpt),
+                         _meg_group([0.4] * L, times, "backprop", ckpt)])
+        meg["mean"] = scale * (meg["mean"] + 3 * np.exp(-0.5 * ((meg["time"] + 0.4) / 0.05) ** 2))
+        for name, table in (("fmri", group.assign(checkpoint=ckpt, mean=group["mean"] * scale)), ("meg", meg)):
+            path = tmp_path / f"{name}_{ckpt}.parquet"
+            table.to_parquet(path)
+            inputs[name].append(path)
+    return inputs, times
+
+
+FIGURE_PARAMS = {"min_significant": "majority", "roi_hemispheres": "merged", "roi_best_layer": "profile",
+                 "roi_fraction": 1 / 3, "distance": "dist_euclidean", "surface": "inflated",
+                 "smoothing_iterations": 0, "smoothing_weight": 0.3, "title": "t", "model": "m",
+                 "halftime_fraction": 0.5}
+
+
+@pytest.mark.parametrize("hemispheres, ranked", [("merged", 180), ("separate", 360)])
+def test_fig2_numbers_use_the_configured_rois_and_peaks_after_onset(tmp_path, monkeypatch, hemispheres, ranked):
+    from brainprop import figures
+
+    monkeypatch.setattr(figures, "_surfaces", lambda params: None)  # surface drawing is tested in test_surface
+    monkeypatch.setattr(figures, "_map_panel", lambda *a, **k: None)
+    inputs, times = _figure_inputs(tmp_path)
+    fig, numbers = figures.fig_hierarchy(inputs, {**FIGURE_PARAMS, "roi_hemispheres": hemispheres})
+    spatial = numbers[numbers.statistic.str.startswith("spatial")].set_index(["statistic", "signal"])
+    assert len(spatial) == 8 and (spatial.n_rois == ranked // 3).all() and (spatial.n_rois_ranked == ranked).all()
+    assert spatial.loc[("spatial_r", "forward"), "value"] > 0.9 > -0.9 > spatial.loc[("spatial_r", "backprop"), "value"]
+    peaks = numbers[(numbers.statistic == "meg_peak_time") & (numbers.signal == "forward")]
+    np.testing.assert_allclose(peaks.value, times[[21, 23, 25, 27, 29]])  # not the baseline bump at -0.4 s
+    assert "Euclidean" in fig.axes[0].get_xlabel()
+    plt_close(fig)
+
+
+def test_fig_halftime_reports_n_rois_with_each_spatial_score(tmp_path):
+    from brainprop import figures
+
+    inputs, _ = _figure_inputs(tmp_path, ("it0", "it10", "it100"))
+    fig, numbers = figures.fig_halftime(inputs, FIGURE_PARAMS)
+    spatial = numbers[numbers.statistic == "spatial_score"]
+    assert len(spatial) == 6 and (spatial.n_rois == 60).all() and (spatial.n_rois_ranked == 180).all()
+    # per-area half-times of the merged areas; area 1 (best at layer 0) scores 0 at the last layer: no half-time
+    assert numbers.loc[numbers.statistic == "roi_half_time_vs_distance_r", "n_rois"].iloc[0] == 179
+    plt_close(fig)
+
+
+def plt_close(fig):
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
