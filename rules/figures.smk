@@ -7,6 +7,7 @@ ROBUST_LAYER = config["robustness"]["layer"] or LAYERS[-1]
 SURFACE = config["figures"]["surface"]
 SURFACE_FILES = [f"{RESULTS}/brain/nsd/surf/{hemi}.{SURFACE}" for hemi in ("lh", "rh")]
 FIGURE_MAPS = ["surface", "smoothing_iterations", "smoothing_weight"]
+FIGURE_ROIS = ["roi_hemispheres", "roi_best_layer", "roi_fraction", "distance"]
 
 
 def final_checkpoint(model):
@@ -143,7 +144,7 @@ rule fig2_hierarchy:
     log:
         f"{RESULTS}/logs/figures/fig2_hierarchy.log",
     params:
-        fig=figure_params("min_significant", "roi_fraction", "distance", *FIGURE_MAPS,
+        fig=figure_params("min_significant", *FIGURE_ROIS, *FIGURE_MAPS,
                           title=f"{FIGURE_MODEL}, {final_checkpoint(FIGURE_MODEL)}: forward vs backprop hierarchy"),
     script:
         "../workflow/scripts/figure.py"
@@ -163,7 +164,7 @@ use rule fig2_hierarchy as figS1_models_hierarchy with:
     log:
         f"{RESULTS}/logs/figures/figS1_models_hierarchy.log",
     params:
-        fig=figure_params("min_significant", "roi_fraction", "distance", *FIGURE_MAPS,
+        fig=figure_params("min_significant", *FIGURE_ROIS, *FIGURE_MAPS,
                           title=f"All models ({', '.join(config['models'])}), last checkpoints: hierarchy"),
 
 
@@ -276,7 +277,7 @@ rule fig_halftime:
     log:
         f"{RESULTS}/logs/figures/fig_halftime.log",
     params:
-        fig=figure_params("min_significant", "roi_fraction", "distance", "halftime_fraction", model=FIGURE_MODEL),
+        fig=figure_params("min_significant", *FIGURE_ROIS, "halftime_fraction", model=FIGURE_MODEL),
     script:
         "../workflow/scripts/figure.py"
 

@@ -3,6 +3,8 @@ peak times, half-times, summary scores)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -29,6 +31,7 @@ from brainprop.analysis import (
     significant_map,
     spatial_score,
     stars,
+    subject_threshold,
     summary_scores,
     temporal_score,
     vertex_array,
@@ -192,7 +195,7 @@ def _synthetic_fmri(rng, n_per_hemi=40):
     return pd.concat(frames, ignore_index=True), labels, rois, forward_level[::4]
 
 
-@pytest.mark.parametrize("method", ["vertex_mean", "roi_profile"])
+@pytest.mark.parametrize("method", ["vertex_mean", "profile"])
 def test_spatial_score_recovers_planted_gradients(method):
     group, labels, rois, level = _synthetic_fmri(np.random.default_rng(4))
     fwd = spatial_score(group, labels, rois, "forward", method=method)
@@ -233,11 +236,15 @@ def test_peak_times_gaussian_and_temporal_score():
     ts = temporal_score(peaks)
     assert ts.r == pytest.approx(1.0) and ts.n == L
     assert temporal_score(peak_times(group, "backprop")).r == pytest.approx(-1.0)
-    # a single Gaussian at 0.3 s, plus a larger bump before onset excluded by the window
+    # a single Gaussian at 0.3 s, plus a larger bump in the baseline: peaks are searched after onset
     one = _meg_group([0.3], times).iloc[:len(times)].copy()
     one["mean"] += 2 * np.exp(-0.5 * ((times + 0.4) / 0.05) ** 2)
-    assert peak_times(one, "forward").peak_time.iloc[0] == pytest.approx(-0.4, abs=1e-6)
-    assert peak_times(one, "forward", tmin=0.0).peak_time.iloc[0] == pytest.approx(0.3)
+    assert peak_times(one, "forward").peak_time.iloc[0] == pytest.approx(0.3)
+    assert meg_summary(one).peak_time.iloc[0] == pytest.approx(0.3)  # Fig. 3 MEG score: same window
+    assert peak_times(one, "forward", tmin=None).peak_time.iloc[0] == pytest.approx(-0.4, abs=1e-6)
+    # onset itself is searched (inclusive window), the sample before it is not
+    edge = one.assign(mean=np.where(np.isclose(times, 0.0), 5.0, np.where(times < 0, 9.0, 0.0)))
+    assert peak_times(edge, "forward").peak_time.iloc[0] == pytest.approx(0.0)
 
 
 # ---------------------------------------------------------------- training dynamics
@@ -364,7 +371,8 @@ def test_significant_map_uses_the_mask_signal_and_last_layer():
     assert fwd.vertex.tolist() == [5] and fwd.score.tolist() == [0.1]
     res = significant_map(group, "residual", min_significant=1)  # mask: forward+backprop of the last layer
     assert res.vertex.tolist() == [6, 7] and res.score.tolist() == pytest.approx([0.2, 1.3])
-    assert significant_map(group, "forward", layer="a").vertex.tolist() == [5, 7]
+    assert significant_map(group, "forward", layer="a", min_significant=1).vertex.tolist() == [5, 7]  # union
+    assert significant_map(group, "forward", layer="a").vertex.tolist() == [5]  # default: majority, 2 of 2
     with pytest.raises(ValueError, match="one model/checkpoint"):
         significant_map(pd.concat([group, group.assign(model="n")]), "forward")
 
@@ -410,3 +418,225 @@ def test_course_statistics_equals_scipy_and_statsmodels():
     np.testing.assert_array_equal(out["significant"], reject)
     np.testing.assert_allclose(out["sem"], sps.sem(x, axis=0))
     assert (out["n"] == 6).all() and out.loc[out.time > 0.3, "significant"].all()
+
+
+# ---------------------------------------------------------------- the paper's ROIs, distances, best layers
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _two_hemisphere_atlas(rng, n_areas=180, per_area=3, n_unknown=7):
+    """Labels (2V,) of n_areas areas in each hemisphere (shuffled vertex order, a few unknown vertices),
+    the per-hemisphere ROI table with three distance columns, and a group table (5 layers, forward and
+    backprop, every vertex significant in 2 of 2 subjects) whose forward best layer follows
+    ``dist_euclidean``."""
+    hemi = np.r_[np.repeat(np.arange(1, n_areas + 1), per_area), np.zeros(n_unknown, np.int64)]
+    labels = np.concatenate([rng.permutation(hemi), rng.permutation(hemi)])
+    rois = pd.DataFrame({"hemi": np.repeat(["lh", "rh"], n_areas), "roi": np.tile(np.arange(1, n_areas + 1), 2),
+                         "name": np.tile([f"A{i}" for i in range(1, n_areas + 1)], 2), "n_vertices": per_area,
+                         "dist_geodesic": rng.uniform(0, 100, 2 * n_areas),
+                         "dist_euclidean": np.tile(np.linspace(0, 80, n_areas), 2) + rng.uniform(0, 0.1, 2 * n_areas),
+                         "dist_geodesic_centroid": rng.uniform(0, 100, 2 * n_areas)})
+    n = len(labels)
+    pref = np.where(labels > 0, (np.maximum(labels, 1) - 1) / (n_areas - 1), 0.0)  # area a -> depth (a-1)/179
+    level = rng.uniform(0.1, 0.5, n)
+    frames = [pd.DataFrame({"model": "m", "checkpoint": "it10", "layer": LAYERS[li], "layer_depth": d,
+                            "signal": signal, "vertex": np.arange(n),
+                            "mean": level * (1 - ((d - (pref if signal == "forward" else 1 - pref)) ** 2)),
+                            "n_significant": 2, "n_subjects": 2})
+              for signal in ("forward", "backprop") for li, d in enumerate(DEPTHS)]
+    return labels, rois, pd.concat(frames, ignore_index=True), level
+
+
+def test_merged_areas_rank_180_and_select_a_tercile_of_60_as_the_paper_config():
+    from brainprop.brain.atlas import analysis_rois
+    from brainprop.config import resolve_config
+
+    figures = resolve_config([ROOT / "config/paper.yaml"], workflow_dir=ROOT)["figures"]
+    assert (figures["roi_hemispheres"], figures["roi_best_layer"], figures["min_significant"]) == (
+        "merged", "profile", "majority")
+    labels, rois, group, level = _two_hemisphere_atlas(np.random.default_rng(7))
+    res = spatial_score(group, labels, analysis_rois(rois, figures["roi_hemispheres"]), "forward",
+                        figures["min_significant"], figures["roi_fraction"], figures["distance"],
+                        figures["roi_best_layer"])
+    assert res.n_ranked == 180 and res.rois.selected.sum() == 60 and res.correlation.n == 60
+    assert (res.rois.hemi == "both").all() and (res.rois.n == 6).all()
+    # the area's forward score: mean over its vertices of BOTH hemispheres (naive reference)
+    best = group[group.signal == "forward"].groupby("vertex")["mean"].max().to_numpy()
+    naive = [best[labels == a].mean() for a in range(1, 181)]
+    np.testing.assert_allclose(res.rois.forward_score, naive)
+    top = np.argsort(naive)[-60:] + 1
+    assert set(res.rois.roi[res.rois.selected]) == set(top)
+    sep = spatial_score(group, labels, analysis_rois(rois, "separate"), "forward", fraction=figures["roi_fraction"])
+    assert sep.n_ranked == 360 and sep.rois.selected.sum() == 120 and sep.correlation.n == 120
+    with pytest.raises(ValueError, match="hemispheres must be one of"):
+        analysis_rois(rois, "both")
+
+
+def test_roi_means_of_merged_areas_pool_both_hemispheres():
+    from brainprop.brain.atlas import merge_hemispheres
+
+    labels = np.array([1, 1, 2, 2, 0, 3, 1, 2, 2, 2, 3, 0])
+    values = np.array([1.0, 3.0, 5.0, np.nan, 100.0, 7.0, 2.0, 4.0, 6.0, 8.0, np.nan, 50.0])
+    merged = merge_hemispheres(ROIS.assign(n_vertices=[2, 2, 1, 3, 1]))
+    out = roi_means(values, labels, merged)
+    # area 1: {1, 3} + {2}; area 2: {5} + {4, 6, 8}; area 3: {7} + NaN
+    np.testing.assert_allclose(out["mean"].to_numpy(), [2.0, 23 / 4, 7.0])
+    np.testing.assert_array_equal(out["n"].to_numpy(), [3, 4, 1])
+    with pytest.raises(ValueError, match="mixes merged"):
+        roi_means(values, labels, pd.concat([merged, ROIS.iloc[:1]]))
+
+
+@pytest.mark.parametrize("distance", ["dist_geodesic", "dist_euclidean", "dist_geodesic_centroid"])
+def test_each_distance_can_be_selected(distance):
+    from brainprop.brain.atlas import DISTANCES, analysis_rois
+
+    labels, rois, group, _ = _two_hemisphere_atlas(np.random.default_rng(8))
+    res = spatial_score(group, labels, analysis_rois(rois), "forward", distance=distance)
+    sel = res.rois[res.rois.selected]
+    assert res.correlation == correlation(sel[distance], sel.best_layer)
+    others = [spatial_score(group, labels, analysis_rois(rois), "forward", distance=d).correlation.r
+              for d in DISTANCES if d != distance]
+    assert all(abs(res.correlation.r - r) > 0.05 for r in others)  # the column really is the one used
+    if distance == "dist_euclidean":  # the planted best layer (5 layers) grows with the Euclidean distance
+        assert np.all(np.diff(sel.sort_values(distance).best_layer) >= 0) and res.correlation.r > 0.9
+
+
+def test_roi_best_layer_profile_versus_vertex_mean():
+    # ROI 1: one vertex strongly best at layer 0, two weakly best at the last layer; ROI 2: one vertex, layer 2
+    scores = np.array([[0.9, 0.0, 0.0, 0.0], [0.1, 0.0, 0.0, 0.0], [0.1, 0.0, 0.0, 0.5],
+                       [0.1, 0.0, 0.0, 0.0], [0.1, 0.2, 0.2, 0.0]])
+    table = _subject_table(scores, np.ones_like(scores, bool), vertices=np.arange(4))
+    table = pd.concat([table, table.assign(signal="backprop")])
+    labels = np.array([1, 1, 1, 2, 0, 0, 0, 0])
+    rois = pd.DataFrame({"hemi": "lh", "roi": [1, 2], "dist_geodesic": [0.0, 1.0]})
+    profile = spatial_score(table, labels, rois, "forward", fraction=1.0)  # default: profile
+    np.testing.assert_allclose(profile.rois.best_layer, [0.0, 0.5])  # argmax of mean [.3, .03, .03, .03, .13]
+    vmean = spatial_score(table, labels, rois, "forward", fraction=1.0, method="vertex_mean")
+    np.testing.assert_allclose(vmean.rois.best_layer, [(0 + 1 + 1) / 3, 0.5])
+    with pytest.raises(ValueError, match="method must be one of"):
+        spatial_score(table, labels, rois, "forward", method="roi_profile")
+
+
+def test_subject_threshold_majority_and_counts():
+    assert [subject_threshold("majority", n) for n in (1, 2, 3, 4, 8)] == [1, 2, 2, 3, 5]
+    assert subject_threshold(3, 8) == 3
+    for bad in ("union", 0, 1.5, True):
+        with pytest.raises(ValueError, match="min_significant"):
+            subject_threshold(bad, 8)
+    # the group table's subjects set the majority: 3 of 4 here
+    scores = np.eye(L, 3)
+    group = _subject_table(scores, np.ones((L, 3), bool)).rename(columns={"score": "mean"})
+    group = group.drop(columns=["subject", "significant"]).assign(n_subjects=4)
+    group["n_significant"] = np.repeat([2, 3, 4], 1)[np.tile(np.arange(3), L)]
+    assert best_layer_per_vertex(group, "forward").vertex.tolist() == [10, 20]
+    assert best_layer_per_vertex(group, "forward", min_significant=1).vertex.tolist() == [0, 10, 20]
+
+
+def test_majority_keeps_the_false_positive_share_flat_while_the_union_grows_with_subjects():
+    """Per-subject BH at q over 2000 vertices (400 true in every subject), group map by each criterion:
+    the union's share of null vertices among the kept grows about as S * q; the majority's does not."""
+    from brainprop.stats import fdr_bh
+
+    rng = np.random.default_rng(11)
+    m, m1, q, reps = 2000, 400, 0.05, 30
+    truth = np.arange(m) < m1
+    share = {"union": {}, "majority": {}}
+    for n_subjects in (1, 2, 4, 8):
+        runs = {k: [] for k in share}
+        for _ in range(reps):
+            p = sps.norm.sf(rng.normal(size=(n_subjects, m)) + 3.5 * truth)  # independent subjects
+            n_sig = np.sum([fdr_bh(ps, q)[0] for ps in p], axis=0)
+            group = pd.DataFrame({"model": "m", "checkpoint": "it1", "layer": "b", "layer_depth": 1.0,
+                                  "signal": "forward", "vertex": np.arange(m), "mean": 0.1, "n_significant": n_sig,
+                                  "n_subjects": n_subjects})
+            for name, criterion in (("union", 1), ("majority", "majority")):
+                kept = significant_map(group, "forward", min_significant=criterion).vertex.to_numpy()
+                runs[name].append((~truth[kept]).sum() / max(len(kept), 1))
+        for name in share:
+            share[name][n_subjects] = float(np.mean(runs[name]))
+    union, majority = share["union"], share["majority"]
+    assert union[1] == pytest.approx(majority[1]) and union[1] <= q  # one subject: the same, BH's FDR
+    assert union[1] < union[2] < union[4] < union[8] and union[8] > 4 * union[1] and union[8] > 2 * q
+    assert all(majority[s] <= majority[1] for s in (2, 4, 8)), share
+
+
+def test_headline_reports_n_rois_next_to_every_spatial_score(tmp_path):
+    from brainprop.brain.atlas import analysis_rois
+    from brainprop.figures import headline_table, spatial_rows
+
+    labels, rois, group, _ = _two_hemisphere_atlas(np.random.default_rng(9))
+    rows = []
+    for signal in ("forward", "backprop"):
+        res = spatial_score(group, labels, analysis_rois(rois), signal, distance="dist_euclidean")
+        rows += spatial_rows(res, model="m", checkpoint="it10", modality="fmri", signal=signal, layer="all")
+    path = tmp_path / "fig2_hierarchy.csv"
+    pd.DataFrame(rows).assign(figure="fig2_hierarchy").to_csv(path, index=False)
+    table = headline_table({"fig2_hierarchy": path}, tmp_path / "headline.csv")
+    spatial = table[table.statistic.str.startswith("spatial")]
+    assert len(spatial) == 8 and (spatial.n_rois == 60).all() and (spatial.n_rois_ranked == 180).all()
+    assert pd.read_csv(tmp_path / "headline.csv").n_rois.notna().sum() == 8
+    fwd = spatial.set_index(["statistic", "signal"]).loc[("spatial_r", "forward")]
+    bwd = spatial.set_index(["statistic", "signal"]).loc[("spatial_r", "backprop")]
+    assert fwd.value > 0.9 and fwd.paper_value == 0.35 and bwd.value < -0.9 and bwd.paper_value == -0.27
+
+
+def _figure_inputs(tmp_path, checkpoints=("it10",)):
+    """Parquet/npy inputs of the ROI figures from the 2 x 180-area atlas and planted MEG peaks (after a
+    larger baseline bump at -0.4 s that the peak search must ignore)."""
+    labels, rois, group, _ = _two_hemisphere_atlas(np.random.default_rng(12))
+    times = np.round(np.arange(-0.5, 1.5, 1 / 30), 6)
+    inputs = {"rois": tmp_path / "rois.parquet", "vertex_rois": tmp_path / "vertex_rois.npy", "fmri": [], "meg": []}
+    rois.to_parquet(inputs["rois"])
+    np.save(inputs["vertex_rois"], labels)
+    for i, ckpt in enumerate(checkpoints):
+        scale = (i + 1) / len(checkpoints)
+        meg = pd.concat([_meg_group(times[[21, 23, 25, 27, 29]], times, "forward", ckpt),
+                         _meg_group([0.4] * L, times, "backprop", ckpt)])
+        meg["mean"] = scale * (meg["mean"] + 3 * np.exp(-0.5 * ((meg["time"] + 0.4) / 0.05) ** 2))
+        for name, table in (("fmri", group.assign(checkpoint=ckpt, mean=group["mean"] * scale)), ("meg", meg)):
+            path = tmp_path / f"{name}_{ckpt}.parquet"
+            table.to_parquet(path)
+            inputs[name].append(path)
+    return inputs, times
+
+
+FIGURE_PARAMS = {"min_significant": "majority", "roi_hemispheres": "merged", "roi_best_layer": "profile",
+                 "roi_fraction": 1 / 3, "distance": "dist_euclidean", "surface": "inflated",
+                 "smoothing_iterations": 0, "smoothing_weight": 0.3, "title": "t", "model": "m",
+                 "halftime_fraction": 0.5}
+
+
+@pytest.mark.parametrize("hemispheres, ranked", [("merged", 180), ("separate", 360)])
+def test_fig2_numbers_use_the_configured_rois_and_peaks_after_onset(tmp_path, monkeypatch, hemispheres, ranked):
+    from brainprop import figures
+
+    monkeypatch.setattr(figures, "_surfaces", lambda params: None)  # surface drawing is tested in test_surface
+    monkeypatch.setattr(figures, "_map_panel", lambda *a, **k: None)
+    inputs, times = _figure_inputs(tmp_path)
+    fig, numbers = figures.fig_hierarchy(inputs, {**FIGURE_PARAMS, "roi_hemispheres": hemispheres})
+    spatial = numbers[numbers.statistic.str.startswith("spatial")].set_index(["statistic", "signal"])
+    assert len(spatial) == 8 and (spatial.n_rois == ranked // 3).all() and (spatial.n_rois_ranked == ranked).all()
+    assert spatial.loc[("spatial_r", "forward"), "value"] > 0.9 > -0.9 > spatial.loc[("spatial_r", "backprop"), "value"]
+    peaks = numbers[(numbers.statistic == "meg_peak_time") & (numbers.signal == "forward")]
+    np.testing.assert_allclose(peaks.value, times[[21, 23, 25, 27, 29]])  # not the baseline bump at -0.4 s
+    assert "Euclidean" in fig.axes[0].get_xlabel()
+    plt_close(fig)
+
+
+def test_fig_halftime_reports_n_rois_with_each_spatial_score(tmp_path):
+    from brainprop import figures
+
+    inputs, _ = _figure_inputs(tmp_path, ("it0", "it10", "it100"))
+    fig, numbers = figures.fig_halftime(inputs, FIGURE_PARAMS)
+    spatial = numbers[numbers.statistic == "spatial_score"]
+    assert len(spatial) == 6 and (spatial.n_rois == 60).all() and (spatial.n_rois_ranked == 180).all()
+    # per-area half-times of the merged areas; area 1 (best at layer 0) scores 0 at the last layer: no half-time
+    assert numbers.loc[numbers.statistic == "roi_half_time_vs_distance_r", "n_rois"].iloc[0] == 179
+    plt_close(fig)
+
+
+def plt_close(fig):
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from brainprop.brain import atlas
 from brainprop.simulate.nsd import write_anatomy
@@ -78,7 +80,7 @@ def test_read_ctab_formats(tmp_path):
 def test_roi_geometry_against_direct_computation(anat):
     table = atlas.roi_geometry(anat, surface="white")
     assert list(table.columns) == ["hemi", "roi", "name", "n_vertices", "x", "y", "z",
-                                   "dist_euclid", "dist_geodesic", "dist_geodesic_centroid"]
+                                   "dist_euclidean", "dist_geodesic", "dist_geodesic_centroid"]
     assert len(table) == 2 * 12 and set(table["hemi"]) == {"lh", "rh"}
     labels = atlas.vertex_rois(anat)
     assert labels.shape == (2 * 10242,) and set(np.unique(labels)) <= set(atlas.read_ctab(atlas.ctab_path(anat)))
@@ -88,12 +90,12 @@ def test_roi_geometry_against_direct_computation(anat):
         lab = labels[h * n : (h + 1) * n]
         v1c = coords[lab == 1].mean(axis=0)
         sub = table[table["hemi"] == hemi].set_index("name")
-        assert sub.loc["V1", ["dist_euclid", "dist_geodesic", "dist_geodesic_centroid"]].tolist() == [0, 0, 0]
+        assert sub.loc["V1", ["dist_euclidean", "dist_geodesic", "dist_geodesic_centroid"]].tolist() == [0, 0, 0]
         for name, row in sub.iterrows():
             idx = lab == row["roi"]
             assert row["n_vertices"] == idx.sum()
             np.testing.assert_allclose(row[["x", "y", "z"]].to_numpy(float), coords[idx].mean(axis=0))
-            np.testing.assert_allclose(row["dist_euclid"], np.linalg.norm(coords[idx].mean(axis=0) - v1c))
+            np.testing.assert_allclose(row["dist_euclidean"], np.linalg.norm(coords[idx].mean(axis=0) - v1c))
     # per-vertex path lengths can never be shorter than the straight line to the nearest V1 vertex
     dist = atlas.vertex_distance_from_v1(anat)
     for h, hemi in enumerate(("lh", "rh")):
@@ -117,7 +119,7 @@ def test_roi_geometry_against_direct_computation(anat):
     lh = table[table["hemi"] == "lh"].set_index("name")
     np.testing.assert_allclose(lh.loc["V2", "dist_geodesic"], dist[:n][labels[:n] == lh.loc["V2", "roi"]].mean())
     # distances from V1 correlate between the two definitions
-    assert np.corrcoef(table["dist_euclid"], table["dist_geodesic"])[0, 1] > 0.8
+    assert np.corrcoef(table["dist_euclidean"], table["dist_geodesic"])[0, 1] > 0.8
 
 
 def test_prepare_roi_table_writes_parquet(anat, tmp_path):
@@ -155,3 +157,33 @@ def test_label_and_surface_mismatches_are_errors(anat, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"lh white surface not found: .*lh\.white"):
         atlas.read_surface(root, "lh", "white")
     assert atlas.n_vertices_per_hemi(root, "lh") == 10242  # falls back to another surface
+
+
+def test_merge_hemispheres_one_row_per_area(anat):
+    table = atlas.roi_geometry(anat, surface="white")
+    merged = atlas.merge_hemispheres(table)
+    assert len(merged) == 12 and (merged["hemi"] == atlas.BOTH).all() and (merged["n_hemispheres"] == 2).all()
+    assert {"x", "y", "z"}.isdisjoint(merged.columns) and set(atlas.DISTANCES) <= set(merged.columns)
+    labels, dist = atlas.vertex_rois(anat), atlas.vertex_distance_from_v1(anat)
+    for row in merged.itertuples():
+        idx = labels == row.roi  # the area's vertices of both hemispheres
+        assert row.n_vertices == idx.sum()
+        # geodesic: the mean over all its vertices of the distance from their own hemisphere's V1
+        np.testing.assert_allclose(row.dist_geodesic, dist[idx].mean())
+        per = table[table["roi"] == row.roi]
+        np.testing.assert_allclose(row.dist_euclidean, np.average(per["dist_euclidean"], weights=per["n_vertices"]))
+    assert merged.set_index("name").loc["V1", list(atlas.DISTANCES)].tolist() == [0, 0, 0]
+    pd.testing.assert_frame_equal(atlas.analysis_rois(table, "merged"), merged)
+    pd.testing.assert_frame_equal(atlas.analysis_rois(table, "separate"), table)
+    renamed = table.copy()
+    renamed.loc[(renamed["hemi"] == "rh") & (renamed["roi"] == 4), "name"] = "other"
+    with pytest.raises(ValueError, match=r"ROI labels \[4\] have different names"):
+        atlas.merge_hemispheres(renamed)
+
+
+def test_distance_names_are_one_set_from_table_to_config(anat):
+    schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow/schemas/config.schema.yaml").read_text())
+    figures = schema["properties"]["figures"]["properties"]
+    assert tuple(figures["distance"]["enum"]) == atlas.DISTANCES  # every figures.distance is a table column
+    assert tuple(figures["roi_hemispheres"]["enum"]) == atlas.ROI_HEMISPHERES
+    assert set(atlas.DISTANCES) <= set(atlas.roi_geometry(anat, surface="sphere").columns)

@@ -9,7 +9,9 @@ Pure functions on the tidy tables written by :mod:`brainprop.scoring` (no I/O, n
 * MEG group table ``group.parquet``: model, checkpoint, layer, layer_depth, signal, time, mean, sem,
   n_subjects, t, pvalue, pvalue_fdr, significant;
 * ROI table ``rois.parquet`` (hemi, roi, name, n_vertices, ..., dist_geodesic) and per-vertex labels
-  ``vertex_rois.npy`` of shape (2V,) (0 = unknown; vertex ``j`` is in lh if ``j < V`` else rh).
+  ``vertex_rois.npy`` of shape (2V,) (0 = unknown; vertex ``j`` is in lh if ``j < V`` else rh); the
+  analyses use it per area with the hemispheres merged (``hemi = "both"``,
+  :func:`brainprop.brain.atlas.analysis_rois`) unless ``figures.roi_hemispheres: separate``.
 
 Paper quantities (Raugel et al. 2026, Fig. 2, 3, 5; Raugel et al. 2025 for the Spatial/Temporal
 scores and half-times): best layer (normalised depth ``k`` of the argmax layer), best-encoded ROIs
@@ -39,6 +41,11 @@ SIGNALS = ("forward", "backprop", "forward+backprop", "residual")
 #: significant for the forward+backprop encoding it is derived from.
 DEFAULT_MASK_SIGNAL = {"residual": "forward+backprop"}
 _KEYS = ("subject", "model", "checkpoint")
+#: ``figures.roi_best_layer``: argmax of the ROI's mean score profile (sister paper) or mean of its
+#: vertices' best layers.
+ROI_BEST_LAYER = ("profile", "vertex_mean")
+#: MEG peaks are searched from image onset on (s): the baseline holds no stimulus response.
+ONSET = 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,6 +115,42 @@ def vertex_array(vertices, values, n_vertices: int) -> np.ndarray:
     return out
 
 
+def subject_threshold(min_significant: int | str, n_subjects: int) -> int:
+    """Least number of subjects in which a vertex must be significant (``figures.min_significant``).
+
+    Parameters
+    ----------
+    min_significant : int >= 1 or ``"majority"``
+        ``"majority"``: more than half of the subjects, ``n_subjects // 2 + 1`` (1 of 1, 2 of 2, 2 of 3,
+        5 of 8); a null vertex then needs independent false positives in most subjects, so the group
+        map's false-positive share does not grow with the number of subjects. ``1``: the union over
+        subjects (false positives add up: about ``n_subjects * q`` of a map at FDR ``q``).
+    n_subjects : int
+        Subjects of the group table.
+
+    Returns
+    -------
+    int
+    """
+    if isinstance(min_significant, str):
+        if min_significant != "majority":
+            raise ValueError(f"min_significant must be an integer >= 1 or 'majority', got {min_significant!r}")
+        if n_subjects < 1:
+            raise ValueError(f"n_subjects must be >= 1, got {n_subjects}")
+        return n_subjects // 2 + 1
+    if isinstance(min_significant, bool) or int(min_significant) != min_significant or min_significant < 1:
+        raise ValueError(f"min_significant must be an integer >= 1 or 'majority', got {min_significant!r}")
+    return int(min_significant)
+
+
+def _table_threshold(min_significant: int | str, table: pd.DataFrame) -> int:
+    """:func:`subject_threshold` for a group fMRI table, whose subjects are its largest ``n_subjects``."""
+    if isinstance(min_significant, str):
+        _require(table, ["n_subjects"], "fMRI group table (min_significant='majority')")
+        return subject_threshold(min_significant, int(table["n_subjects"].max()))
+    return subject_threshold(min_significant, 1)
+
+
 # --------------------------------------------------------------------------------------------
 # 1. best layer
 # --------------------------------------------------------------------------------------------
@@ -169,12 +212,12 @@ def _layer_matrix(g: pd.DataFrame, value: str) -> pd.DataFrame:
     return g.pivot(index="layer_depth", columns="vertex", values=value).sort_index()
 
 
-def best_layer_per_vertex(table: pd.DataFrame, signal: str, min_significant: int = 1,
+def best_layer_per_vertex(table: pd.DataFrame, signal: str, min_significant: int | str = "majority",
                           mask_signal: str | None = None) -> pd.DataFrame:
     """Best layer of each significant vertex, from a per-subject or group fMRI table.
 
     A vertex is kept when it is significant for ``mask_signal`` at any layer: ``significant`` is True
-    (per-subject table) or ``n_significant >= min_significant`` (group table). Its best layer is the
+    (per-subject table) or ``n_significant >=`` :func:`subject_threshold` (group table). Its best layer is the
     argmax over all layers of ``score`` (per subject) or ``mean`` (group) for ``signal``
     (see :func:`best_layer`).
 
@@ -184,8 +227,9 @@ def best_layer_per_vertex(table: pd.DataFrame, signal: str, min_significant: int
         Tidy fMRI table; may hold several subjects/models/checkpoints (each handled separately).
     signal : str
         One of ``forward``, ``backprop``, ``forward+backprop``, ``residual``.
-    min_significant : int
-        Group table only: least number of subjects in which a (layer, vertex) must be significant.
+    min_significant : int >= 1 or "majority"
+        Group table only: least number of subjects in which a (layer, vertex) must be significant
+        (:func:`subject_threshold`; ``"majority"`` of the group's ``n_subjects``, 1 = union).
     mask_signal : str, optional
         Signal whose significance selects vertices; default ``signal``, except ``residual`` (never
         tested itself) which uses ``forward+backprop`` (:data:`DEFAULT_MASK_SIGNAL`).
@@ -211,7 +255,8 @@ def best_layer_per_vertex(table: pd.DataFrame, signal: str, min_significant: int
         m = m.reindex(index=scores.index, columns=scores.columns)
         # bool (per subject) or counts (group) -> float; an absent (layer, vertex) is not significant
         counts = np.nan_to_num(m.astype(np.float64).to_numpy(), nan=0.0)
-        significant = counts >= (min_significant if sig == "n_significant" else 1)
+        need = _table_threshold(min_significant, g) if sig == "n_significant" else 1
+        significant = counts >= need
         depths = scores.index.to_numpy(dtype=np.float64)
         best = best_layer(scores.to_numpy(), depths, significant)
         keep = np.isfinite(best)
@@ -232,7 +277,7 @@ def best_layer_per_vertex(table: pd.DataFrame, signal: str, min_significant: int
 # --------------------------------------------------------------------------------------------
 
 def roi_means(values_per_vertex, vertex_rois, rois_table: pd.DataFrame) -> pd.DataFrame:
-    """Mean of a per-vertex value within each (hemisphere, ROI), ignoring NaN.
+    """Mean of a per-vertex value within each ROI (one hemisphere's area, or both), ignoring NaN.
 
     Parameters
     ----------
@@ -241,8 +286,10 @@ def roi_means(values_per_vertex, vertex_rois, rois_table: pd.DataFrame) -> pd.Da
     vertex_rois : array-like of int, shape (2V,)
         ROI label of each vertex, 0 = unknown; vertex ``j`` is in lh if ``j < V`` else rh.
     rois_table : DataFrame
-        One row per (hemi, roi) with at least ``hemi`` ("lh"/"rh") and ``roi`` (int label); all its
-        columns (name, distances...) are carried to the output.
+        One row per (hemi, roi) with at least ``hemi`` and ``roi`` (int label): ``hemi`` "lh"/"rh" (one
+        hemisphere's area) or, in a table of merged areas (:func:`brainprop.brain.atlas.merge_hemispheres`),
+        "both" (the area's vertices of both hemispheres); all its columns (name, distances...) are
+        carried to the output.
 
     Returns
     -------
@@ -261,23 +308,28 @@ def roi_means(values_per_vertex, vertex_rois, rois_table: pd.DataFrame) -> pd.Da
     _require(rois_table, ["hemi", "roi"], "ROI table")
     if rois_table.duplicated(["hemi", "roi"]).any():
         raise ValueError("ROI table has duplicate (hemi, roi) rows")
-    bad = set(rois_table["hemi"]) - {"lh", "rh"}
-    if bad:
-        raise ValueError(f"ROI table hemi must be 'lh' or 'rh', got {sorted(bad)}")
+    hemis = set(rois_table["hemi"])
+    if hemis - {"lh", "rh", "both"}:
+        raise ValueError(f"ROI table hemi must be 'lh', 'rh' or 'both', got {sorted(hemis - {'lh', 'rh', 'both'})}")
+    if "both" in hemis and len(hemis) > 1:
+        raise ValueError("ROI table mixes merged ('both') and per-hemisphere rows: vertices would count twice")
     n_labels = int(max(labels.max(initial=0), rois_table["roi"].max()) + 1)
     hemi = (np.arange(len(labels)) >= len(labels) // 2).astype(np.int64)
     code = hemi * n_labels + labels
     ok = np.isfinite(values)
     sums = np.bincount(code[ok], weights=values[ok], minlength=2 * n_labels)
     counts = np.bincount(code[ok], minlength=2 * n_labels)
-    table_codes = np.where(rois_table["hemi"].to_numpy() == "rh", 1, 0) * n_labels + rois_table["roi"].to_numpy()
+    row_hemi, roi = rois_table["hemi"].to_numpy(), rois_table["roi"].to_numpy(np.int64)
+    use_lh, use_rh = row_hemi != "rh", row_hemi != "lh"  # "both" sums the two hemispheres' codes
+    table_codes = np.concatenate([roi[use_lh], n_labels + roi[use_rh]])
     unlisted = ok & (labels > 0) & ~np.isin(code, table_codes)
     if unlisted.any():
         log.warning("%d vertices with a value carry ROI labels absent from the ROI table; ignored", unlisted.sum())
     out = rois_table.reset_index(drop=True).copy()
-    n = counts[table_codes]
+    total = np.where(use_lh, sums[roi], 0.0) + np.where(use_rh, sums[n_labels + roi], 0.0)
+    n = np.where(use_lh, counts[roi], 0) + np.where(use_rh, counts[n_labels + roi], 0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        out["mean"] = np.where(n > 0, sums[table_codes] / np.maximum(n, 1), np.nan)
+        out["mean"] = np.where(n > 0, total / np.maximum(n, 1), np.nan)
     out["n"] = n.astype(np.int64)
     return out
 
@@ -389,19 +441,27 @@ class SpatialResult:
     correlation: Correlation
     rois: pd.DataFrame
 
+    @property
+    def n_ranked(self) -> int:
+        """ROIs ranked for the tercile (those with a forward score): 180 merged HCP-MMP1 areas."""
+        return int(np.isfinite(self.rois["forward_score"].to_numpy(np.float64)).sum())
+
 
 def spatial_score(fmri: pd.DataFrame, vertex_rois, rois_table: pd.DataFrame, signal: str,
-                  min_significant: int = 1, fraction: float = 1 / 3, distance: str = "dist_geodesic",
-                  method: str = "vertex_mean") -> SpatialResult:
+                  min_significant: int | str = "majority", fraction: float = 1 / 3,
+                  distance: str = "dist_geodesic", method: str = "profile") -> SpatialResult:
     """Fig. 2C/D: correlation between distance from V1 and best layer over the best-encoded ROIs.
 
-    Steps, for one model and checkpoint: (1) per significant vertex the best layer for ``signal``
-    (:func:`best_layer_per_vertex`); (2) per ROI its best layer, either the mean of its vertices'
-    best-layer depths (``method="vertex_mean"``, Fig. 2A maps averaged) or the argmax layer of the
-    ROI-averaged score profile over significant vertices (``"roi_profile"``); (3) ROI selection: top
-    ``fraction`` of the ROI mean forward score, where a vertex's forward score is its score at its
-    forward best layer (max over layers) and only significant vertices count; the same ROIs serve
-    every ``signal``; (4) :func:`distance_layer_correlation` with column ``distance``.
+    Steps, for one model and checkpoint: (1) the significant vertices of ``signal``
+    (:func:`best_layer_per_vertex`); (2) per ROI its best layer, either the argmax layer of the ROI's
+    mean score profile over its significant vertices (``method="profile"``, the sister paper's
+    best-predicting layer of a region; default) or the mean of its vertices' best-layer depths
+    (``"vertex_mean"``, the Fig. 2A map averaged); (3) ROI selection: top ``fraction`` of the ROI mean
+    forward score, where a vertex's forward score is its score at its forward best layer (max over
+    layers) and only significant vertices count; the same ROIs serve every ``signal``; (4)
+    :func:`distance_layer_correlation` with column ``distance``. The ROIs are the rows of
+    ``rois_table``: merged areas (paper, 180) or per-hemisphere areas (360), see
+    :func:`brainprop.brain.atlas.analysis_rois`.
 
     Parameters
     ----------
@@ -409,18 +469,21 @@ def spatial_score(fmri: pd.DataFrame, vertex_rois, rois_table: pd.DataFrame, sig
         fMRI table (group or one subject) of ONE model and checkpoint (and subject).
     vertex_rois : array-like of int, shape (2V,)
     rois_table : DataFrame
-        Must hold ``hemi``, ``roi`` and ``distance``.
+        Must hold ``hemi``, ``roi`` and ``distance`` (see :func:`roi_means`).
     signal : str
     min_significant, fraction : see :func:`best_layer_per_vertex`, :func:`best_encoded_rois`.
     distance : str
-        Distance column of ``rois_table``.
-    method : {"vertex_mean", "roi_profile"}
+        Distance column of ``rois_table`` (:data:`brainprop.brain.atlas.DISTANCES`).
+    method : {"profile", "vertex_mean"}
+        ``figures.roi_best_layer``.
 
     Returns
     -------
     SpatialResult
     """
     _require(rois_table, [distance], "ROI table")
+    if method not in ROI_BEST_LAYER:
+        raise ValueError(f"method must be one of {ROI_BEST_LAYER}, got {method!r}")
     keys = _keys(fmri)
     if len(fmri.drop_duplicates(keys)) > 1:
         raise ValueError(f"spatial_score needs one {'/'.join(keys)}; got {len(fmri.drop_duplicates(keys))}")
@@ -432,7 +495,7 @@ def spatial_score(fmri: pd.DataFrame, vertex_rois, rois_table: pd.DataFrame, sig
     if method == "vertex_mean":
         per_roi = roi_means(vertex_array(best.vertex, best.layer_depth, n_v), vertex_rois, rois_table)
         best_roi, n_roi = per_roi["mean"].to_numpy(), per_roi["n"].to_numpy()
-    elif method == "roi_profile":
+    else:
         value, _ = _score_columns(fmri)
         scores = _layer_matrix(_check_signal(fmri, signal, "fMRI table"), value)
         scores = scores.loc[:, scores.columns.isin(best.vertex)]
@@ -441,8 +504,6 @@ def spatial_score(fmri: pd.DataFrame, vertex_rois, rois_table: pd.DataFrame, sig
         means = np.stack([p["mean"].to_numpy() for p in profiles])
         best_roi = best_layer(means, scores.index.to_numpy(dtype=np.float64))
         n_roi = profiles[0]["n"].to_numpy() if profiles else np.zeros(len(rois_table), np.int64)
-    else:
-        raise ValueError(f"method must be 'vertex_mean' or 'roi_profile', got {method!r}")
     out = rois_table.reset_index(drop=True).copy()
     out["best_layer"], out["n"] = best_roi, n_roi
     out["forward_score"], out["n_forward"] = forward["mean"].to_numpy(), forward["n"].to_numpy()
@@ -456,7 +517,7 @@ def spatial_score(fmri: pd.DataFrame, vertex_rois, rois_table: pd.DataFrame, sig
 # 5. MEG peak times (Temporal score)
 # --------------------------------------------------------------------------------------------
 
-def peak_times(group_meg: pd.DataFrame, signal: str, tmin: float | None = None,
+def peak_times(group_meg: pd.DataFrame, signal: str, tmin: float | None = ONSET,
                tmax: float | None = None) -> pd.DataFrame:
     """Peak time and peak score of each layer's across-subject mean MEG time course.
 
@@ -466,7 +527,8 @@ def peak_times(group_meg: pd.DataFrame, signal: str, tmin: float | None = None,
         MEG group table (``time`` in s, ``mean``); may hold several models/checkpoints.
     signal : str
     tmin, tmax : float, optional
-        Search window in seconds (inclusive); default the whole epoch.
+        Search window in seconds (inclusive); default from image onset (:data:`ONSET`, 0 s: the
+        baseline's fluctuations are no response to the image) to the end of the epoch; None = no bound.
 
     Returns
     -------
@@ -713,14 +775,15 @@ def fmri_summary(group_fmri: pd.DataFrame, subjects: pd.DataFrame | None = None,
 
 def summary_scores(meg_group: pd.DataFrame | None = None, fmri_group: pd.DataFrame | None = None,
                    fmri_subjects: pd.DataFrame | None = None, layer: str | None = None,
-                   min_significant: int = 1) -> pd.DataFrame:
+                   min_significant: int | str = "majority") -> pd.DataFrame:
     """Fig. 3 / Fig. 5 Encoding scores of both modalities in one tidy table (:func:`meg_summary` rows
-    then :func:`fmri_summary` rows; columns absent in one modality are NaN)."""
+    then :func:`fmri_summary` rows; columns absent in one modality are NaN). ``min_significant``:
+    see :func:`subject_threshold` (``"majority"`` of the fMRI group table's subjects)."""
     parts = []
     if meg_group is not None:
         parts.append(meg_summary(meg_group, layer))
     if fmri_group is not None:
-        parts.append(fmri_summary(fmri_group, fmri_subjects, layer, min_significant))
+        parts.append(fmri_summary(fmri_group, fmri_subjects, layer, _table_threshold(min_significant, fmri_group)))
     if not parts:
         raise ValueError("summary_scores needs meg_group and/or fmri_group")
     return pd.concat(parts, ignore_index=True)
@@ -765,7 +828,7 @@ def mean_vertex_map(maps: Sequence[tuple], n_vertices: int, min_count: int = 1) 
 
 
 def significant_map(group_fmri: pd.DataFrame, signal: str, layer: str | None = None,
-                    min_significant: int = 1) -> pd.DataFrame:
+                    min_significant: int | str = "majority") -> pd.DataFrame:
     """Across-subject mean score of each vertex significant for the signal's mask signal (Fig. 4, 6).
 
     Parameters
@@ -775,8 +838,9 @@ def significant_map(group_fmri: pd.DataFrame, signal: str, layer: str | None = N
     signal : str
     layer : str, optional
         Default: the deepest layer.
-    min_significant : int
-        Least number of subjects in which the vertex is significant.
+    min_significant : int >= 1 or "majority"
+        Least number of subjects in which the vertex is significant (:func:`subject_threshold`:
+        ``"majority"`` of the table's subjects; 1 = the union).
 
     Returns
     -------
@@ -789,7 +853,7 @@ def significant_map(group_fmri: pd.DataFrame, signal: str, layer: str | None = N
         raise ValueError(f"significant_map needs one {'/'.join(keys)}; filter the table first")
     sub = _pick_layer(group_fmri, layer)
     mask = _check_signal(sub, DEFAULT_MASK_SIGNAL.get(signal, signal), "fMRI group table")
-    keep = mask.loc[mask["n_significant"] >= min_significant, "vertex"]
+    keep = mask.loc[mask["n_significant"] >= _table_threshold(min_significant, group_fmri), "vertex"]
     values = _check_signal(sub, signal, "fMRI group table")
     values = values[values["vertex"].isin(keep)]
     return pd.DataFrame({"vertex": values["vertex"].to_numpy(), "score": values["mean"].to_numpy(np.float64)})

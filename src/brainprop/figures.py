@@ -113,6 +113,34 @@ def _time_axis(ax):
     ax.set_ylabel(R_LABEL)
 
 
+def _rois(inputs, params) -> tuple[pd.DataFrame, np.ndarray]:
+    """The analysis ROIs (``figures.roi_hemispheres``: merged areas, or one per hemisphere) and the
+    per-vertex labels (2V,)."""
+    from brainprop.brain.atlas import analysis_rois
+
+    return analysis_rois(pd.read_parquet(inputs["rois"]), params["roi_hemispheres"]), np.load(inputs["vertex_rois"])
+
+
+def _spatial(fmri: pd.DataFrame, rois: pd.DataFrame, vertex_rois: np.ndarray, signal: str, params) -> an.SpatialResult:
+    """:func:`brainprop.analysis.spatial_score` with the figure's settings."""
+    return an.spatial_score(fmri, vertex_rois, rois, signal, params["min_significant"], params["roi_fraction"],
+                            params["distance"], params["roi_best_layer"])
+
+
+def spatial_rows(res: an.SpatialResult, **keys) -> list[dict]:
+    """Number rows of a Spatial score: Pearson r and p, Spearman rho and p, each with ``n_rois`` (ROIs in
+    the correlation: the best-encoded tercile) and ``n_rois_ranked`` (ROIs ranked for the tercile)."""
+    c = res.correlation
+    return [{"statistic": stat, **keys, "value": val, "n_rois": c.n, "n_rois_ranked": res.n_ranked}
+            for stat, val in (("spatial_r", c.r), ("spatial_p", c.p), ("spatial_rho", c.rho),
+                              ("spatial_p_spearman", c.p_spearman))]
+
+
+#: Axis names of the ``figures.distance`` columns.
+DISTANCE_LABELS = {"dist_geodesic": "geodesic", "dist_euclidean": "Euclidean",
+                   "dist_geodesic_centroid": "geodesic, at the centroid"}
+
+
 def final_checkpoint(table: pd.DataFrame) -> str:
     """Name of the last checkpoint (highest iteration) present in a table."""
     return max(table["checkpoint"].unique(), key=an.checkpoint_iteration)
@@ -138,7 +166,7 @@ def fig_hierarchy(inputs, params):
     """Fig. 2 (one model) / Fig. S1 (several): best-layer maps (A-B), distance from V1 vs best layer
     over the best-encoded ROIs (C-D), MEG time courses per layer (E-F), forward and backprop."""
     meg = _read(inputs["meg"])
-    rois, vertex_rois = pd.read_parquet(inputs["rois"]), np.load(inputs["vertex_rois"])
+    rois, vertex_rois = _rois(inputs, params)
     n_v = len(vertex_rois)
     models, checkpoints, per_signal = [], [], {"forward": ([], []), "backprop": ([], [])}
     for path in _paths(inputs["fmri"]):  # one model at a time (each table: vertices x layers x signals)
@@ -148,8 +176,7 @@ def fig_hierarchy(inputs, params):
         for signal, (maps, spatial) in per_signal.items():
             best = an.best_layer_per_vertex(g, signal, params["min_significant"])
             maps.append((best.vertex.to_numpy(), best.layer_depth.to_numpy()))
-            spatial.append(an.spatial_score(g, vertex_rois, rois, signal, params["min_significant"],
-                                            params["roi_fraction"], params["distance"]))
+            spatial.append(_spatial(g, rois, vertex_rois, signal, params))
         del g
     need, checkpoint = an.min_models(len(models)), ",".join(sorted(set(checkpoints)))
     surfaces = _surfaces(params)
@@ -172,16 +199,13 @@ def fig_hierarchy(inputs, params):
             slope, icpt = np.polyfit(sel[params["distance"]], sel["best_layer"], 1)
             xs = np.linspace(sel[params["distance"]].min(), sel[params["distance"]].max(), 2)
             ax.plot(xs, slope * xs + icpt, color="k", lw=1)
-        ax.set_title(f"{LABELS[signal]}: {_corr_text(c)}, {c.n} ROIs")
-        kind = "geodesic" if params["distance"] == "dist_geodesic" else "Euclidean"
-        ax.set_xlabel(f"ROI distance from V1 ({kind}, mm)")
+        ax.set_title(f"{LABELS[signal]}: {_corr_text(c)}, {c.n} of {res.n_ranked} ROIs")
+        ax.set_xlabel(f"ROI distance from V1 ({DISTANCE_LABELS[params['distance']]}, mm)")
         ax.set_ylabel("best layer (normalised depth k)")
         ax.set_ylim(-0.05, 1.05)
         _label(ax, letter_sc)
-        for stat, val in (("spatial_r", c.r), ("spatial_p", c.p), ("spatial_rho", c.rho),
-                          ("spatial_p_spearman", c.p_spearman), ("spatial_n_rois", c.n)):
-            rows.append({"statistic": stat, "model": "+".join(models), "checkpoint": checkpoint, "modality": "fmri",
-                         "signal": signal, "layer": "all", "value": val})
+        rows += spatial_rows(res, model="+".join(models), checkpoint=checkpoint, modality="fmri", signal=signal,
+                             layer="all")
         courses = _meg_layers(meg, signal)
         ax = fig.add_subplot(grid[2, col])
         top = courses["mean"].max()
@@ -190,9 +214,10 @@ def fig_hierarchy(inputs, params):
             ax.plot(g["time"], g["mean"], color=color, lw=1.2)
             _sig_marks(ax, g["time"], g["significant"] >= 0.5 if len(models) > 1 else g["significant"] > 0,
                        top * (1.04 + 0.025 * i), color, size=4)
+        after = courses[courses["time"] >= an.ONSET]  # peaks after image onset, as an.peak_times
         peaks = an.peak_times(meg[meg["model"] == models[0]], signal) if len(models) == 1 else (
-            courses.loc[courses.groupby("bin")["mean"].idxmax()].rename(columns={"time": "peak_time",
-                                                                                 "mean": "peak_score"}))
+            after.loc[after.groupby("bin")["mean"].idxmax()].rename(columns={"time": "peak_time",
+                                                                             "mean": "peak_score"}))
         tc = an.correlation(peaks["layer_depth"], peaks["peak_time"])
         ax.set_title(f"{LABELS[signal]} (MEG): peak time vs depth, {_corr_text(tc, spearman=False)}")
         _time_axis(ax)
@@ -298,7 +323,7 @@ def fig_models_mean(inputs, params):
         rows.append({"statistic": "fmri_mean_score_significant", "model": "+".join(models), "checkpoint": "final",
                      "modality": "fmri", "signal": signal, "layer": "last", "value": float(np.nanmean(m)),
                      "n_vertices": int(np.isfinite(m).sum())})
-        peak = st.loc[st["mean"].idxmax()]
+        peak = st.loc[st.loc[st["time"] >= an.ONSET, "mean"].idxmax()]
         rows.append({"statistic": "meg_peak_score", "model": "+".join(models), "checkpoint": "final",
                      "modality": "meg", "signal": signal, "layer": "last", "value": peak["mean"],
                      "peak_time": peak["time"], "p": peak["pvalue_fdr"]})
@@ -386,7 +411,7 @@ def fig_training_meg(inputs, params):
             ax.plot(g["time"], g["mean"], color=color, lw=1.3, label=f"iteration {it}")
             ax.fill_between(g["time"], g["mean"] - g["sem"], g["mean"] + g["sem"], color=color, alpha=0.2, lw=0)
             _sig_marks(ax, g["time"], g["significant"], top * (1.06 + 0.06 * i), color)
-            peak = g.loc[g["mean"].idxmax()]
+            peak = g.loc[g.loc[g["time"] >= an.ONSET, "mean"].idxmax()]
             rows.append({"statistic": "meg_peak_score", "model": params["model"], "checkpoint": stage,
                          "modality": "meg", "signal": signal, "layer": peak["layer"], "value": peak["mean"],
                          "peak_time": peak["time"], "p": peak["pvalue_fdr"]})
@@ -462,10 +487,10 @@ def checkpoint_metrics(fmri: pd.DataFrame, meg: pd.DataFrame, rois: pd.DataFrame
     rows = [{"checkpoint": checkpoint, "signal": r.signal, "metric": f"encoding_{r.modality}", "value": r.score}
             for r in summary[summary["signal"].isin(("forward", "backprop"))].itertuples()]
     for signal in ("forward", "backprop"):
-        sp = an.spatial_score(fmri, vertex_rois, rois, signal, params["min_significant"], params["roi_fraction"],
-                              params["distance"]).correlation
+        sp = _spatial(fmri, rois, vertex_rois, signal, params)
         tp = an.temporal_score(an.peak_times(meg, signal))
-        rows += [{"checkpoint": checkpoint, "signal": signal, "metric": "spatial", "value": sp.r},
+        rows += [{"checkpoint": checkpoint, "signal": signal, "metric": "spatial", "value": sp.correlation.r,
+                  "n_rois": sp.correlation.n, "n_rois_ranked": sp.n_ranked},
                  {"checkpoint": checkpoint, "signal": signal, "metric": "temporal", "value": tp.r}]
     last = fmri[(fmri["signal"] == "forward") & (fmri["layer_depth"] == fmri["layer_depth"].max())]
     per_roi = an.roi_means(an.vertex_array(last["vertex"], last["mean"], len(vertex_rois)), vertex_rois, rois)
@@ -476,7 +501,7 @@ def fig_halftime(inputs, params):
     """Sister paper (Raugel et al. 2025): Encoding (A), Spatial (B) and Temporal (C) scores across
     training for forward and backprop, their half-times (D), and the half-time of each ROI's forward
     encoding against its distance from V1 (E)."""
-    rois, vertex_rois = pd.read_parquet(inputs["rois"]), np.load(inputs["vertex_rois"])
+    rois, vertex_rois = _rois(inputs, params)
     frac = params["halftime_fraction"]
     # one checkpoint at a time (real data: each fMRI table is 327k vertices x 12 layers x 4 signals)
     parts = [checkpoint_metrics(_read(f), _read(m), rois, vertex_rois, params)
@@ -528,21 +553,22 @@ def fig_halftime(inputs, params):
     ax.scatter(roi_half[params["distance"]], roi_half["half_time"], s=14, color="tab:blue", edgecolor="k", lw=0.3)
     if roi_half["half_time"].max() > 1:
         ax.set_yscale("symlog", linthresh=1)
-    ax.set_xlabel("ROI distance from V1 (mm)")
+    ax.set_xlabel(f"ROI distance from V1 ({DISTANCE_LABELS[params['distance']]}, mm)")
     ax.set_ylabel("half-time of forward encoding (iteration)")
     ax.set_title(f"per ROI (n = {c.n})\n{_corr_text(c, spearman=False)}")
     _label(ax, "E")
     fig.suptitle(f"{params['model']}: training dynamics and half-times ({frac:.0%} of final value)")
     rows = [{"statistic": f"{r.metric}_score", "model": params["model"], "checkpoint": r.checkpoint,
              "modality": "meg" if r.metric in ("temporal", "encoding_meg") else "fmri", "signal": r.signal,
-             "layer": "last" if r.metric.startswith("encoding") else "all", "value": r.value}
+             "layer": "last" if r.metric.startswith("encoding") else "all", "value": r.value,
+             **({"n_rois": r.n_rois, "n_rois_ranked": r.n_rois_ranked} if r.metric == "spatial" else {})}
             for r in metrics.itertuples()]
     rows += [{"statistic": f"half_time_{r.metric}", "model": params["model"], "checkpoint": "all",
               "modality": "meg" if r.metric in ("temporal", "encoding_meg") else "fmri", "signal": r.signal,
               "layer": "last" if r.metric.startswith("encoding") else "all", "value": r.half_time, "final": r.final}
              for r in halves.itertuples()]
     rows.append({"statistic": "roi_half_time_vs_distance_r", "model": params["model"], "checkpoint": "all",
-                 "modality": "fmri", "signal": "forward", "layer": "last", "value": c.r, "p": c.p})
+                 "modality": "fmri", "signal": "forward", "layer": "last", "value": c.r, "p": c.p, "n_rois": c.n})
     return fig, _numbers(rows)
 
 

@@ -10,14 +10,21 @@ Files read (NSD layout, relative to the NSD root):
 
 Distances from V1 are computed within each hemisphere (from that hemisphere's V1):
 
-- ``dist_euclid``: Euclidean distance (mm) between the ROI centroid and the V1
+- ``dist_euclidean``: Euclidean distance (mm) between the ROI centroid and the V1
   centroid; a centroid is the mean of the ROI's vertex coordinates on the chosen
-  surface (default ``white``).
+  surface (default ``white``). The sister paper's distance (Raugel et al. 2025).
 - ``dist_geodesic``: mean over the ROI's vertices of the shortest-path length (mm)
   along the mesh edges of the chosen surface from the nearest V1 vertex (Dijkstra,
-  all V1 vertices as sources). This is the distance used by the figures.
+  all V1 vertices as sources). The figures' default (``figures.distance``).
 - ``dist_geodesic_centroid``: the same shortest-path distance at the ROI vertex
   nearest to the ROI centroid.
+
+These names (:data:`DISTANCES`) are the values of ``figures.distance``.
+
+The paper ranks the 180 HCP-MMP1 areas with the hemispheres merged (its p-values imply about
+60 best-encoded ROIs, a tercile of 180): :func:`merge_hemispheres` turns the per-hemisphere
+table into one row per area (``hemi = "both"``), which :func:`analysis_rois` selects by
+``figures.roi_hemispheres``.
 
 Edge-graph distances slightly overestimate true geodesics (paths zig-zag along
 triangle edges, typically by a few percent); the ranking of ROIs, which is what
@@ -42,6 +49,12 @@ log = get_logger(__name__)
 
 HEMIS = ("lh", "rh")
 SURFACES = ("white", "pial", "inflated", "sphere")
+#: Distance-from-V1 columns of the ROI table (the values of ``figures.distance``).
+DISTANCES = ("dist_geodesic", "dist_euclidean", "dist_geodesic_centroid")
+#: ``hemi`` of a row of :func:`merge_hemispheres` (an area of both hemispheres).
+BOTH = "both"
+#: ``figures.roi_hemispheres``: one ROI per area (paper) or per (hemisphere, area).
+ROI_HEMISPHERES = ("merged", "separate")
 
 #: First 75 HCP-MMP1 (Glasser et al. 2016) area names; ``HCP_MMP1_NAMES[i]`` has label ``i + 1``.
 HCP_MMP1_NAMES: tuple[str, ...] = (
@@ -286,7 +299,7 @@ def roi_geometry(
     -------
     table : DataFrame
         Columns ``hemi`` (lh/rh), ``roi`` (int label), ``name``, ``n_vertices``,
-        ``x, y, z`` (centroid, mm), ``dist_euclid``, ``dist_geodesic``,
+        ``x, y, z`` (centroid, mm), ``dist_euclidean``, ``dist_geodesic``,
         ``dist_geodesic_centroid`` (mm, see module docstring). ROIs of the colour
         table absent from a hemisphere are left out (logged); label 0 is excluded.
     """
@@ -323,12 +336,64 @@ def roi_geometry(
                 dict(
                     hemi=hemi, roi=int(roi), name=normalize_area_name(names[roi]), n_vertices=int(idx.size),
                     x=centroid[0], y=centroid[1], z=centroid[2],
-                    dist_euclid=float(np.linalg.norm(centroid - v1_centroid)),
+                    dist_euclidean=float(np.linalg.norm(centroid - v1_centroid)),
                     dist_geodesic=float(np.mean(d[np.isfinite(d)])) if np.any(np.isfinite(d)) else np.inf,
                     dist_geodesic_centroid=float(geo[nearest]),
                 )
             )
     return pd.DataFrame(rows)
+
+
+def merge_hemispheres(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per area from the per-(hemi, ROI) table of :func:`roi_geometry`: the paper's ROIs.
+
+    Parameters
+    ----------
+    table : DataFrame
+        One row per (hemi, roi) with ``hemi`` in lh/rh, ``roi``, ``name``, ``n_vertices`` and the
+        :data:`DISTANCES` columns it has.
+
+    Returns
+    -------
+    DataFrame
+        One row per ``roi`` (sorted): ``hemi = "both"``, ``roi``, ``name``, ``n_vertices`` (sum over
+        hemispheres), ``n_hemispheres`` and each distance as the ``n_vertices``-weighted mean of the
+        hemispheres' distances (for ``dist_geodesic``, the mean over all the area's vertices of the
+        distance from V1 of their own hemisphere). Centroids (x, y, z) are dropped: the mean of two
+        hemispheres' centroids lies near the midline and is no location of the area.
+    """
+    for col in ("hemi", "roi", "name", "n_vertices"):
+        if col not in table.columns:
+            raise ValueError(f"ROI table: missing column {col!r}; has {list(table.columns)}")
+    bad = set(table["hemi"]) - set(HEMIS)
+    if bad:
+        raise ValueError(f"ROI table hemi must be lh or rh to merge hemispheres, got {sorted(bad)}")
+    if table.duplicated(["hemi", "roi"]).any():
+        raise ValueError("ROI table has duplicate (hemi, roi) rows")
+    names = table.groupby("roi")["name"].nunique()
+    if (names > 1).any():
+        raise ValueError(f"ROI labels {names.index[names > 1].tolist()[:10]} have different names in lh and rh")
+    distances = [c for c in DISTANCES if c in table.columns]
+    w = table["n_vertices"].to_numpy(np.float64)
+    weighted = table[["roi"]].assign(_w=w, **{c: table[c].to_numpy(np.float64) * w for c in distances})
+    sums = weighted.groupby("roi", sort=True).sum()
+    out = table.groupby("roi", sort=True).agg(name=("name", "first"), n_vertices=("n_vertices", "sum"),
+                                               n_hemispheres=("hemi", "nunique")).reset_index()
+    for c in distances:
+        out[c] = (sums[c] / sums["_w"]).to_numpy()
+    out.insert(0, "hemi", BOTH)
+    return out
+
+
+def analysis_rois(table: pd.DataFrame, hemispheres: str = "merged") -> pd.DataFrame:
+    """The ROIs of the analyses (``figures.roi_hemispheres``): ``"merged"`` one per area
+    (:func:`merge_hemispheres`, the paper: 180 HCP-MMP1 areas) or ``"separate"`` one per
+    (hemisphere, area) (the table as written, 360 areas)."""
+    if hemispheres == "merged":
+        return merge_hemispheres(table)
+    if hemispheres == "separate":
+        return table.reset_index(drop=True)
+    raise ValueError(f"hemispheres must be one of {ROI_HEMISPHERES}, got {hemispheres!r}")
 
 
 def vertex_distance_from_v1(
