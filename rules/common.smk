@@ -180,3 +180,11 @@ def encoding_targets():
     """Group statistics of every (modality, model, checkpoint)."""
     return [f"{RESULTS}/encoding/{modality}/{m}/{c}/group.parquet"
             for modality in ("fmri", "meg") for m in config["models"] for c in checkpoints_of(m)]
+
+
+def things_sample_attributes(wildcards):
+    """THINGS-MEG sample attributes that select the THINGS images of a real run (either image layout,
+    docs/meg.md); none for NSD or the demo (whose image tree is the MEG layout the simulator reads)."""
+    if wildcards.dataset != "things" or config["demo"]:
+        return []
+    return [f"{brain_root('things_meg')}/sourcedata/sample_attributes_P{n}.csv" for n in config["meg"]["subjects"]]

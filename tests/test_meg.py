@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 
 import mne
 import numpy as np
@@ -24,6 +25,7 @@ from brainprop.brain.meg import (
     zscore_images,
 )
 from brainprop.simulate.meg import simulate_things_meg, toy_features, toy_stimulus_table
+from brainprop.stimuli import build_stimulus_table, things_database_path, things_stimulus_table
 
 # simulated runs are shorter than MNE's 33 s FIR for a 0.1 Hz high-pass (real runs are ~6 min)
 pytestmark = pytest.mark.filterwarnings("ignore:filter_length")
@@ -324,8 +326,6 @@ def test_derivative_and_attributes_must_correspond(meg_copy, tmp_path):
 
 
 def test_every_option_is_documented():
-    from pathlib import Path
-
     from brainprop.brain.meg import DEFAULT_PARAMS
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "meg.md").read_text()
@@ -421,3 +421,46 @@ def test_trigger_channel_problems_name_the_run(meg):
     with pytest.raises(ValueError, match=r"run-02_events\.tsv \(session 1, run 2\): no UPPT001 trigger channel"):
         run_onsets(raw, use, rows, "trigger")
     np.testing.assert_array_equal(run_onsets(raw, use, rows, "sample")[0], truth["sample"][truth.trial_type != "catch"])
+
+
+def test_things_database_path():
+    assert things_database_path("images_meg/ice_cream/ice_cream_01b.jpg") == "ice_cream/ice_cream_01b.jpg"
+    assert things_database_path("images_test_meg/ice_cream_13s.jpg") == "ice_cream/ice_cream_13s.jpg"
+    assert things_database_path("/x/images_meg/a_b/a_b_02n.jpg") == "a_b/a_b_02n.jpg"
+    assert things_database_path("images_catch_meg/catch001.jpg") == "images_catch_meg/catch001.jpg"
+
+
+def _write_images(root, paths):
+    for rel in paths:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"jpg")
+
+
+@pytest.mark.parametrize("layout", ["meg", "database"])
+def test_things_images_in_either_layout(meg, tmp_path, layout):
+    root, stim, _ = meg
+    images = tmp_path / "things"
+    attributes = [root / "sourcedata" / f"sample_attributes_P{n}.csv" for n in (1, 2)]
+    on_disk = list(stim.source) if layout == "meg" else [things_database_path(s) for s in stim.source]
+    _write_images(images, on_disk + ["images_catch_meg/catch001.jpg"])
+    out = tmp_path / "t" / "things.parquet"
+    table = build_stimulus_table("things", images, out, sample_attributes=attributes)
+    pd.testing.assert_frame_equal(pd.read_parquet(out), table)
+    expected = stim.sort_values("source").reset_index(drop=True)
+    assert table.image_id.tolist() == expected.image_id.tolist()  # exactly the MEG images, catch left out
+    assert (table.split == expected.split).all() and (table.concept == expected.concept).all()
+    assert sorted(table.source) == sorted(on_disk) and all((images / s).is_file() for s in table.source)
+    # the MEG loader accepts the table of either layout, with the same result
+    subj = load_meg_subject(root, 1, "raw", {}, stimulus_table=table)
+    assert subj.table.image_id.tolist() == sorted(stim.image_id)
+    if layout == "meg":  # globbing the MEG folders gives the same table
+        pd.testing.assert_frame_equal(things_stimulus_table(images), table)
+    else:
+        with pytest.raises(FileNotFoundError, match="THINGS database layout.*sample attributes"):
+            things_stimulus_table(images)
+    gone = sorted(on_disk)[:3]
+    for rel in gone:
+        (images / rel).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"3 of the {len(stim)} images THINGS-MEG shows .*missing under "
+                                                rf".*{Path(gone[0]).name}"):
+        things_stimulus_table(images, sample_attributes=attributes)
