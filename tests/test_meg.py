@@ -464,3 +464,18 @@ def test_things_images_in_either_layout(meg, tmp_path, layout):
     with pytest.raises(FileNotFoundError, match=rf"3 of the {len(stim)} images THINGS-MEG shows .*missing under "
                                                 rf".*{Path(gone[0]).name}"):
         things_stimulus_table(images, sample_attributes=attributes)
+
+
+def test_sample_onsets_need_the_sample_column(meg_copy, tmp_path):
+    root, stim, _ = meg_copy
+    events = root / "sub-BIGMEG1" / "ses-01" / "meg" / "sub-BIGMEG1_ses-01_task-main_run-01_events.tsv"
+    pd.read_csv(events, sep="\t", keep_default_na=False).drop(columns="sample").to_csv(events, sep="\t", index=False)
+    with pytest.raises(ValueError, match=r"run-01_events\.tsv \(session 1, run 1\): onset: sample needs the events "
+                                         r"'sample' column"):
+        prepare_meg_subject(root, 1, "raw", *_outputs(tmp_path), {"onset": "sample"}, stimulus_table=stim)
+    _assert_no_outputs(tmp_path)
+    # the trigger needs no sample column; that run's trigger lead is then not measured
+    subj = load_meg_subject(root, 1, "raw", {"onset": "trigger"}, stimulus_table=stim)
+    assert np.isnan(subj.runs.trigger_lead_median_s[0]) and subj.runs.trigger_lead_median_s[1:].notna().all()
+    with pytest.raises(ValueError, match="'onset' must be one of"):
+        load_meg_subject(root, 1, "raw", {"onset": "photodiode"})
