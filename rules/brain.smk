@@ -76,6 +76,7 @@ rule prepare_meg:
         data=f"{RESULTS}/brain/meg/sub-BIGMEG{{subject}}/data.npy",
         images=f"{RESULTS}/brain/meg/sub-BIGMEG{{subject}}/images.parquet",
         times=f"{RESULTS}/brain/meg/sub-BIGMEG{{subject}}/times.npy",
+        mismatches=f"{RESULTS}/brain/meg/sub-BIGMEG{{subject}}/mismatches.parquet",
     log:
         f"{RESULTS}/logs/prepare_meg_sub-BIGMEG{{subject}}.log",
     params:

@@ -208,3 +208,11 @@ def training_section(wildcards):
     """training config without the keys that only choose checkpoints and images (narrow params:
     adding a checkpoint or switching image sets does not rerun finished segments by itself)."""
     return {k: v for k, v in config["training"].items() if k not in ("checkpoints", "datasets", "images")}
+
+
+def things_sample_attributes(wildcards):
+    """THINGS-MEG sample attributes that select the THINGS images of a real run (either image layout,
+    docs/meg.md); none for NSD or the demo (whose image tree is the MEG layout the simulator reads)."""
+    if wildcards.dataset != "things" or config["demo"]:
+        return []
+    return [f"{brain_root('things_meg')}/sourcedata/sample_attributes_P{n}.csv" for n in config["meg"]["subjects"]]

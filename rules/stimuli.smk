@@ -32,6 +32,7 @@ rule demo_stimuli_nsd:
 rule stimulus_table:
     input:
         unpack(stimulus_table_inputs),
+        sample_attributes=things_sample_attributes,
     output:
         table=f"{RESULTS}/stimuli/{{dataset}}.parquet",
     log:

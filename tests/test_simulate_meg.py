@@ -119,14 +119,44 @@ def test_derivative_conventions(small):
 
 
 def test_trigger_leads_events_onsets_by_the_photodiode_delay(small):
-    root = small[0]
+    root, _, trials, _ = small
     stem = root / "sub-BIGMEG3" / "ses-02" / "meg" / "sub-BIGMEG3_ses-02_task-main_run-01"
     raw = mne.io.read_raw_fif(f"{stem}_meg.fif", verbose="error")
     trig = mne.find_events(raw, stim_channel="UPPT001", verbose="error")
     ev = pd.read_csv(f"{stem}_events.tsv", sep="\t")
     delay = round(0.03 * 240)
-    np.testing.assert_array_equal(trig[:, 0] + delay, ev["sample"])
-    assert list(trig[:, 2]) == list(ev.trial_type.map({"exp": 1, "test": 2, "catch": 3}))
+    # THINGS-MEG's codes: 64 at every trial (catch included), one final 32 after the last image
+    assert list(trig[:, 2]) == [64] * len(ev) + [32]
+    assert trig[-1, 0] == ev["sample"].iloc[-1] + round(0.5 * 240)
+    np.testing.assert_array_equal(trig[:-1, 0] + delay, ev["sample"])
+    t = trials[(trials.subject == 3) & (trials.session_nr == 2) & (trials.run_nr == 1)]
+    np.testing.assert_array_equal(t.trigger_sample, trig[:-1, 0])
+
+
+def test_planted_value_mismatches(small, tmp_path):
+    root, stim, trials, _ = small
+    numbers = set(range(1, len(stim) + 1))
+    for sub in (1, 2, 3):
+        attrs = pd.read_csv(root / "sourcedata" / f"sample_attributes_P{sub}.csv", keep_default_na=False)
+        for (ses, run), a in attrs.groupby(["session_nr", "run_nr"], sort=True):
+            ev = pd.read_csv(root / f"sub-BIGMEG{sub}" / f"ses-{ses:02d}" / "meg" /
+                             f"sub-BIGMEG{sub}_ses-{ses:02d}_task-main_run-{run:02d}_events.tsv", sep="\t",
+                             keep_default_na=False)
+            assert list(ev.trial_type) == list(a.trial_type)
+            value = pd.to_numeric(ev.value, errors="coerce").fillna(-1).to_numpy()
+            wrong = value != pd.to_numeric(a.things_image_nr, errors="coerce").fillna(-1).to_numpy()
+            # exactly n_value_mismatches (default 2) exp/test trials per run name another, existing image
+            assert wrong.sum() == 2 and (ev.trial_type[wrong] != "catch").all()
+            assert set(value[wrong].astype(int)) <= numbers
+    # the sample attributes hold the truth; the returned trials say what events.tsv holds
+    t = trials.dropna(subset=["image_id"])
+    by_path = {p: i + 1 for i, p in enumerate(sorted(stim.source))}
+    assert (t.things_image_nr.astype(int) == t.image_path.map(by_path)).all()
+    assert (t.value != t.things_image_nr).sum() == 2 * 4 * 3
+    stim6, ids, fwd, bwd = _inputs(6, 3, 2)
+    none = simulate_things_meg(tmp_path / "none", stim6, fwd, bwd, ids,
+                               {"subjects": [1], "n_sessions": 1, "n_runs": 1, "n_value_mismatches": 0}, seed=SEED)
+    assert (none.value.astype("Float64").fillna(-1) == none.things_image_nr.astype("Float64").fillna(-1)).all()
 
 
 def test_simulation_is_deterministic_and_weights_only_add_their_signal(tmp_path):
@@ -217,7 +247,8 @@ def test_planted_effects_recovered_from_prepared_data_and_null(tmp_path):
     for name, extra in (("planted", {}), ("null", {"forward_weight": 0.0})):
         root = tmp_path / name
         simulate_things_meg(root, stim, fwd, bwd, ids, {**base, **extra}, seed=SEED)
-        subj = load_meg_subject(root, 1, "raw", {}, stimulus_table=stim)
+        # locked to the photodiode onsets the responses were planted at (the trigger adds its delay)
+        subj = load_meg_subject(root, 1, "raw", {"onset": "sample"}, stimulus_table=stim)
         results[name] = {s: _effect_curves(subj, stim, readouts[s]) for s in ("forward", "backprop")}
     times = subj.times
     # chance level: the largest curve value with read-outs shuffled across images (99th percentile)

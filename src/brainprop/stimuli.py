@@ -211,21 +211,82 @@ def _read_captions(path: str | os.PathLike | None) -> pd.DataFrame | None:
     return df
 
 
-def things_stimulus_table(image_root: str | os.PathLike, captions: str | os.PathLike | None = None) -> pd.DataFrame:
-    """Index a THINGS image tree (``images_meg/<concept>/*.jpg`` and ``images_test_meg/*.jpg``).
+def things_database_path(meg_path: str) -> str:
+    """Where a THINGS-MEG image path lies in the THINGS database layout (``<concept>/<file>``).
 
-    Catch images are not part of the table. Without a captions file the caption is
-    ``"a photo of a <concept>"``. Image ids are file stems; concepts are the stem
-    before its last underscore.
+    ``images_meg/<concept>/<file>`` and ``images_test_meg/<file>`` (any prefix before those
+    folders) map to ``<concept>/<file>``, the concept being the file stem before its last
+    underscore (THINGS concepts contain underscores); other paths are returned unchanged.
+    """
+    parts = str(meg_path).replace("\\", "/").split("/")
+    for i, part in enumerate(parts):
+        if part in ("images_meg", "images_test_meg") and len(parts) > i + 1:
+            name = parts[-1]
+            return f"{Path(name).stem.rsplit('_', 1)[0]}/{name}"
+    return str(meg_path)
+
+
+def _meg_images(root: Path, sample_attributes) -> pd.DataFrame:
+    """The exp/test images named by THINGS-MEG sample attributes, located in either layout under ``root``."""
+    from brainprop.brain.meg import read_sample_attributes
+
+    files = [sample_attributes] if isinstance(sample_attributes, (str, os.PathLike)) else list(sample_attributes)
+    attrs = pd.concat([read_sample_attributes(f) for f in files], ignore_index=True)
+    shown = attrs[attrs.trial_type != "catch"].drop_duplicates("source").sort_values("source", kind="stable")
+    rows, missing = [], []
+    for meg_path, image_id, concept, split in zip(shown.source, shown.image_id, shown.concept, shown.split):
+        found = next((c for c in (meg_path, things_database_path(meg_path)) if (root / c).is_file()), None)
+        if found is None:
+            missing.append(f"{meg_path} (or {things_database_path(meg_path)})")
+        rows.append((image_id, "things", found, -1, concept, "", split))
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of the {len(shown)} images THINGS-MEG shows (sample attributes "
+                                f"{files[0]}{' ...' if len(files) > 1 else ''}) are missing under {root} in both "
+                                f"layouts (images_meg/, images_test_meg/ or the THINGS database's <concept>/<file>), "
+                                f"e.g. {missing[:5]}")
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
+def things_stimulus_table(image_root: str | os.PathLike, captions: str | os.PathLike | None = None,
+                          sample_attributes=None) -> pd.DataFrame:
+    """Index the THINGS images, in the THINGS-MEG layout or the THINGS database layout.
+
+    Layouts under ``image_root``: THINGS-MEG's ``images_meg/<concept>/*.jpg`` and
+    ``images_test_meg/*.jpg``, or the licensed THINGS database as extracted,
+    ``<concept>/<file>.jpg`` (:func:`things_database_path` maps one onto the other).
+
+    With ``sample_attributes`` (THINGS-MEG ``sourcedata/sample_attributes_P{n}.csv``, one
+    path or several) the table holds exactly the exp/test images they name, each ``source``
+    pointing at the file that exists in either layout, ``split`` from the MEG folder
+    (``images_test_meg`` = test). Without them the ``images_meg``/``images_test_meg`` folders
+    are globbed; the database layout then raises, since it holds every THINGS image and does
+    not mark the test images. Catch images are never part of the table. Without a captions
+    file the caption is ``"a photo of a <concept>"``. Image ids are file stems; concepts are
+    the stem before its last underscore.
+
+    Raises
+    ------
+    FileNotFoundError
+        No images in either layout, or images named by the sample attributes missing
+        (a few are listed).
     """
     root = Path(image_root)
-    train = sorted(root.glob("images_meg/*/*.jpg"))
-    test = sorted(root.glob("images_test_meg/*.jpg"))
-    if not train:
-        raise FileNotFoundError(f"no training images found: expected {root}/images_meg/<concept>/<concept>_NN<letter>.jpg")
-    rows = [(p.stem, "things", str(p.relative_to(root)), -1, p.stem.rsplit("_", 1)[0], "", split)
-            for split, paths in (("train", train), ("test", test)) for p in paths]
-    table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    if sample_attributes is not None:
+        table = _meg_images(root, sample_attributes)
+    else:
+        train = sorted(root.glob("images_meg/*/*.jpg"))
+        test = sorted(root.glob("images_test_meg/*.jpg"))
+        if not train:
+            database = sorted(root.glob("*/*.jpg"))
+            layout = (f"{root} looks like the THINGS database layout (<concept>/<file>.jpg, e.g. "
+                      f"{database[0].relative_to(root)}): give the THINGS-MEG sample attributes so the table "
+                      "holds the images THINGS-MEG shows, with their split") if database else (
+                      f"no training images found: expected {root}/images_meg/<concept>/<concept>_NN<letter>.jpg "
+                      "or the THINGS database layout <concept>/<concept>_NN<letter>.jpg")
+            raise FileNotFoundError(layout)
+        rows = [(p.stem, "things", str(p.relative_to(root)), -1, p.stem.rsplit("_", 1)[0], "", split)
+                for split, paths in (("train", train), ("test", test)) for p in paths]
+        table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     dup = table.image_id[table.image_id.duplicated()]
     if len(dup):
         raise ValueError(f"duplicate THINGS image ids under {root}: {sorted(set(dup))[:10]}")
@@ -426,8 +487,12 @@ def build_pretraining_table(root: str | os.PathLike | None, image_list: str | os
 
 
 def build_stimulus_table(dataset: str, root: str | os.PathLike, out: str | os.PathLike,
-                         captions: str | os.PathLike | None = None, subjects: list[int] | None = None) -> pd.DataFrame:
+                         captions: str | os.PathLike | None = None, subjects: list[int] | None = None,
+                         sample_attributes=None) -> pd.DataFrame:
     """Rule entry point: index ``dataset`` (``things`` or ``nsd``) under ``root`` and write the Parquet table.
+
+    For THINGS, ``sample_attributes`` (THINGS-MEG CSVs, optional) select the images
+    THINGS-MEG shows in either image layout (:func:`things_stimulus_table`).
 
     For NSD, ``root`` holds ``nsd_stimuli.hdf5``; its stim-info CSV is taken from the demo folder
     or, for real data, from ``<nsd root>/nsddata/experiments/nsd/`` (``root`` is then
@@ -437,7 +502,7 @@ def build_stimulus_table(dataset: str, root: str | os.PathLike, out: str | os.Pa
 
     root = Path(root)
     if dataset == "things":
-        table = things_stimulus_table(root, captions)
+        table = things_stimulus_table(root, captions, sample_attributes or None)
     elif dataset == "nsd":
         info = root / "nsd_stim_info_merged.csv"
         if not info.exists():  # real layout: nsddata_stimuli/stimuli/nsd -> nsddata/experiments/nsd

@@ -5,13 +5,17 @@ Two sources, one output format (``source`` below):
 ``"raw"``
     The BIDS tree ``sub-BIGMEG{n}/ses-NN/meg/sub-BIGMEG{n}_ses-NN_task-main_run-NN_meg.{ds,fif}``
     with its ``_events.tsv``. Runs are processed one at a time (memory): read with
-    mne-bids, keep the MEG sensors (CTF axial gradiometers are type ``mag``; reference
-    sensors and other channels are dropped), band-pass the continuous run
-    (``raw.filter(l_freq, h_freq)``, MNE's default zero-phase FIR), epoch ``tmin..tmax``
-    around the ``onset`` column of ``events.tsv`` (photodiode-corrected, *not* the
-    trigger channel), then resample the epochs to ``sfreq`` (``Epochs.resample``, FFT).
-    Image paths come from ``value`` (= ``things_image_nr``) through the
-    ``things_image_nr -> image_path`` map of ``sourcedata/sample_attributes_P{n}.csv``.
+    mne-bids; take each image's onset from the ``UPPT001`` trigger channel (value 64 per
+    image; ``onset: trigger``, neuralset, the paper's pipeline) or from the events file's
+    photodiode-corrected ``sample`` column (``onset: sample``, the dataset authors'
+    ``MEG/step1_preprocessing.py``); keep the MEG sensors minus ``exclude_channels``
+    (CTF axial gradiometers are type ``mag``); band-pass the continuous run
+    (``raw.filter(l_freq, h_freq)``), resample the continuous run to ``sfreq``
+    (``raw.resample(sfreq, events=...)``, FFT over the whole run, onsets rounded to the new
+    grid), then epoch ``tmin..tmax``. Events rows are aligned with the rows of
+    ``sourcedata/sample_attributes_P{n}.csv`` of the same session and run, in order; the
+    image comes from the sample attributes, and disagreements with the events ``value``
+    are counted per run (at most ``max_mismatches``).
 ``"derivative"``
     ``derivatives/preprocessed/preprocessed_P{n}-epo.fif`` (splits followed by MNE) with
     ``sourcedata/sample_attributes_P{n}.csv`` giving, row by row, each epoch's image.
@@ -32,7 +36,9 @@ Output of :func:`prepare_meg_subject` (one subject):
   things_image_nr, things_category_nr, n_averaged, subject``; its schema metadata key
   ``brainprop_meg`` holds JSON with ``times``, ``channels``, ``sfreq``, the counts and the
   parameters (read it with :func:`read_meg_table`);
-* ``out_times``: ``.npy`` float64, shape (n_times,), seconds relative to image onset.
+* ``out_times``: ``.npy`` float64, shape (n_times,), seconds relative to image onset;
+* ``out_mismatches``: Parquet, one row per run: events/attributes mismatches and the
+  trigger-to-``sample`` offsets (:data:`RUN_COLUMNS`).
 
 Every input problem raises before anything is written, naming the file and what
 was expected; outputs are written atomically.
@@ -51,7 +57,8 @@ import numpy as np
 import pandas as pd
 
 from brainprop.brain.align import align_to_stimuli
-from brainprop.utils import atomic_output, get_logger, merge_params, save_npy_atomic
+from brainprop.stimuli import things_database_path
+from brainprop.utils import atomic_output, get_logger, merge_params, save_npy_atomic, save_parquet_atomic
 
 log = get_logger(__name__)
 
@@ -62,9 +69,10 @@ __all__ = [
     "find_meg_runs",
     "read_events_tsv",
     "read_sample_attributes",
-    "image_number_map",
+    "align_events",
     "collect_trials",
     "read_meg_run",
+    "run_onsets",
     "preprocess_raw_run",
     "preprocess_epochs",
     "zscore_images",
@@ -76,25 +84,30 @@ __all__ = [
 ]
 
 SOURCES = ("raw", "derivative")
+ONSETS = ("trigger", "sample")
 TRIAL_TYPES = {"exp": "train", "test": "test", "catch": None}
 IMAGE_DIRS = {"images_meg": "train", "images_test_meg": "test", "images_catch_meg": "catch"}
 META_KEY = b"brainprop_meg"
+TRIGGER_CHANNEL = "UPPT001"
+IMAGE_TRIGGER = 64  # UPPT001 value at every image onset (a final 32 ends the run)
+RUN_COLUMNS = ["subject", "session_nr", "run_nr", "n_trials", "n_mismatches", "trigger_lead_median_s",
+               "trigger_lead_min_s", "trigger_lead_max_s"]
 
 DEFAULT_PARAMS: dict = {
     "task": "main",  # BIDS task label of the runs
     "sessions": None,  # 1-based sessions to use (None: all found); a listed missing session is an error
     "runs": None,  # 1-based runs per session (None: all listed in scans.tsv); a listed missing run is an error
+    "onset": "trigger",  # raw source: image onsets from the UPPT001 trigger (neuralset) or events.tsv "sample"
+    "max_mismatches": 20,  # raw source: most events rows per run whose value/trial type disagree with the attributes
     "l_freq": 0.1,  # high-pass (Hz) of the continuous runs (derivative: must not exceed its 0.1 Hz)
     "h_freq": 20.0,  # low-pass (Hz)
-    "sfreq": 30.0,  # output sampling rate (Hz), Epochs.resample (FFT)
+    "sfreq": 30.0,  # output sampling rate (Hz): raw: continuous raw.resample before epoching; derivative: per epoch
     "tmin": -0.5,  # epoch start (s from image onset); derivative: cropped to what exists
     "tmax": 3.0,  # epoch end (s); derivative: cropped to what exists
     "baseline": None,  # [start, stop] (s): mean removal per epoch after resampling; None: none (paper)
     "repeats": "average",  # "average" the presentations of an image, or keep the "first"
     "zscore": True,  # z-score across images per channel and time point (paper)
-    "epochs_decim": 1,  # integer decimation when epoching (after the low-pass, before resampling)
-    "exclude_channels": [],  # sensors to drop, e.g. ["MRO11-1609"] to match the derivative
-    "image_map": None,  # raw source: CSV things_image_nr -> image_path ({subject} allowed); None: sample attributes
+    "exclude_channels": ["MRO11-1609"],  # sensors to drop (the dataset authors' malfunctioning sensor)
     "missing_images": "error",  # "error" if a MEG image is absent from the stimulus table, or "drop" it
     "chunk_size": 1000,  # derivative epochs read and processed at a time (memory)
 }
@@ -107,10 +120,12 @@ def resolve_params(params: dict | None) -> dict:
         raise ValueError(f"MEG parameter 'repeats' must be 'average' or 'first', got {p['repeats']!r}")
     if p["missing_images"] not in ("error", "drop"):
         raise ValueError(f"MEG parameter 'missing_images' must be 'error' or 'drop', got {p['missing_images']!r}")
+    if p["onset"] not in ONSETS:
+        raise ValueError(f"MEG parameter 'onset' must be one of {ONSETS}, got {p['onset']!r}")
+    if not int(p["max_mismatches"]) >= 0:
+        raise ValueError(f"MEG parameter 'max_mismatches' must be >= 0, got {p['max_mismatches']}")
     if not p["tmin"] < p["tmax"]:
         raise ValueError(f"MEG parameters need tmin < tmax, got {p['tmin']} and {p['tmax']}")
-    if int(p["epochs_decim"]) < 1:
-        raise ValueError(f"MEG parameter 'epochs_decim' must be a positive integer, got {p['epochs_decim']}")
     if p["baseline"] is not None and len(p["baseline"]) != 2:
         raise ValueError(f"MEG parameter 'baseline' must be null or [start, stop] (s), got {p['baseline']}")
     return p
@@ -236,15 +251,16 @@ def read_events_tsv(path: str | os.PathLike) -> pd.DataFrame:
     Returns
     -------
     events : DataFrame
-        ``onset`` (s, float), ``trial_type`` (exp|test|catch), ``things_image_nr``
-        (Int64, from ``value``; NA for catch), ``things_category_nr`` (Int64 or NA),
-        ``sample`` (float or NaN), in file order.
+        ``onset`` (s, float), ``trial_type`` (exp|test|catch), ``value`` (Int64, the
+        events file's image number; NA for catch), ``things_category_nr`` (Int64 or NA),
+        ``sample`` (float or NaN), in file order. ``value`` is *not* trusted for the image:
+        :func:`collect_trials` takes it from the sample attributes.
 
     Raises
     ------
     ValueError
         Naming ``path``: no ``onset``/``trial_type``/``value`` column, unknown trial
-        types, or n/a onsets or image numbers on exp/test trials.
+        types, or n/a onsets on exp/test trials.
     """
     path = Path(path)
     ev = pd.read_csv(path, sep="\t", na_values=["n/a", "N/A", "NaN", ""], keep_default_na=False)
@@ -262,17 +278,15 @@ def read_events_tsv(path: str | os.PathLike) -> pd.DataFrame:
     out = pd.DataFrame({
         "onset": _numeric(ev.onset, path, "onset").astype(float),
         "trial_type": ttype,
-        "things_image_nr": _numeric(ev[nr_col], path, nr_col).round().astype("Int64"),
+        "value": _numeric(ev[nr_col], path, nr_col).round().astype("Int64"),
         "things_category_nr": (_numeric(ev.things_category_nr, path, "things_category_nr").round().astype("Int64")
                                if "things_category_nr" in ev.columns else pd.array([pd.NA] * len(ev), "Int64")),
         "sample": _numeric(ev["sample"], path, "sample").astype(float) if "sample" in ev.columns else np.nan,
     })
-    shown = out.trial_type != "catch"
-    for col, what in (("onset", "onsets"), ("things_image_nr", f"image numbers ({nr_col!r})")):
-        bad = shown & out[col].isna()
-        if bad.any():
-            raise ValueError(f"{path}: {int(bad.sum())} exp/test trial(s) have n/a {what}, first at row(s) "
-                             f"{list(np.flatnonzero(bad)[:5] + 1)}; every exp/test trial needs an onset and an image")
+    bad = (out.trial_type != "catch") & out.onset.isna()
+    if bad.any():  # an n/a value is only a mismatch with the attributes; an n/a onset cannot be epoched
+        raise ValueError(f"{path}: {int(bad.sum())} exp/test trial(s) have n/a onsets, first at row(s) "
+                         f"{list(np.flatnonzero(bad)[:5] + 1)}; every exp/test trial needs an onset")
     return out
 
 
@@ -329,22 +343,50 @@ def read_sample_attributes(path: str | os.PathLike) -> pd.DataFrame:
     return attrs
 
 
-def image_number_map(attrs: pd.DataFrame, where: str | os.PathLike) -> pd.DataFrame:
-    """``things_image_nr`` -> (source, image_id, concept, split) from sample attributes (exp/test rows).
+def align_events(events: pd.DataFrame, attrs: pd.DataFrame, where: str, max_mismatches: int) -> pd.DataFrame:
+    """Align one run's events rows with its sample-attributes rows, in order, and take the image from the latter.
+
+    The events ``value`` and the attributes' ``things_image_nr`` disagree on some trials of
+    the real data (neuralset tolerates up to 20 per run); a row whose ``value`` or
+    ``trial_type`` differs from the attributes (NA-aware) counts as a mismatch.
+
+    Parameters
+    ----------
+    events : DataFrame, one run of :func:`read_events_tsv` (n_rows rows, file order)
+    attrs : DataFrame, the :func:`read_sample_attributes` rows of the same session and run, in order
+    where : str
+        Names the run in errors (events file, session, run).
+    max_mismatches : int
+
+    Returns
+    -------
+    trials : DataFrame, n_rows rows
+        The events columns (``onset, sample, value``), ``event_order`` (rank of the onset
+        in the run, 0-based), ``mismatch`` (bool), and from the attributes ``trial_type,
+        things_image_nr, things_category_nr, source, image_id, concept, split``.
 
     Raises
     ------
     ValueError
-        Naming ``where`` if one image number maps to two paths.
+        Naming ``where``: row counts differ, or more than ``max_mismatches`` mismatches.
     """
-    shown = attrs[attrs.trial_type != "catch"]
-    if shown.empty:
-        raise ValueError(f"{where}: no exp/test rows, so no things_image_nr -> image_path map")
-    pairs = shown[["things_image_nr", "source", "image_id", "concept", "split"]].drop_duplicates()
-    dup = pairs.things_image_nr[pairs.things_image_nr.duplicated()]
-    if len(dup):
-        raise ValueError(f"{where}: things_image_nr {[int(d) for d in dup[:5]]} map(s) to more than one image_path")
-    return pairs.set_index("things_image_nr")
+    if len(events) != len(attrs):
+        raise ValueError(f"{where}: {len(events)} events rows but {len(attrs)} sample-attributes rows for this "
+                         "session and run; they must correspond row by row")
+    a = events.value.to_numpy(dtype=float, na_value=np.nan)
+    b = attrs.things_image_nr.to_numpy(dtype=float, na_value=np.nan)
+    same_nr = (a == b) | (np.isnan(a) & np.isnan(b))
+    mismatch = ~same_nr | (events.trial_type.to_numpy() != attrs.trial_type.to_numpy())
+    if mismatch.sum() > max_mismatches:
+        rows = list(np.flatnonzero(mismatch)[:5] + 1)
+        raise ValueError(f"{where}: {int(mismatch.sum())} events rows disagree with the sample attributes "
+                         f"(value vs things_image_nr, or trial_type), more than max_mismatches={max_mismatches} "
+                         f"(first at row(s) {rows}): are the events and attributes of the same run?")
+    out = events[["onset", "sample", "value"]].reset_index(drop=True)
+    out["event_order"] = np.argsort(np.argsort(events.onset.to_numpy(), kind="stable"), kind="stable")
+    out["mismatch"] = mismatch
+    cols = ["trial_type", "things_image_nr", "things_category_nr", "source", "image_id", "concept", "split"]
+    return pd.concat([out, attrs[cols].reset_index(drop=True)], axis=1)
 
 
 def collect_trials(root: str | os.PathLike, subject: int, source: str, params: dict | None = None) -> pd.DataFrame:
@@ -355,8 +397,9 @@ def collect_trials(root: str | os.PathLike, subject: int, source: str, params: d
     trials : DataFrame
         One row per trial (catch included), in recording order: ``session_nr, run_nr,
         trial_type, source, image_id, concept, split, things_image_nr,
-        things_category_nr``, plus for ``source="raw"`` ``onset, sample, raw_path,
-        events_path`` and for ``source="derivative"`` ``epoch`` (row in the epochs file),
+        things_category_nr``, plus for ``source="raw"`` the :func:`align_events` columns
+        (``onset, sample, value, event_order, mismatch``), ``n_run_events``, ``raw_path``,
+        ``events_path``, and for ``source="derivative"`` ``epoch`` (row in the epochs file),
         ``epochs_path``; ``meta_path`` names the metadata file each row came from.
     """
     p = resolve_params(params)
@@ -365,8 +408,8 @@ def collect_trials(root: str | os.PathLike, subject: int, source: str, params: d
         raise ValueError(f"MEG source must be one of {SOURCES}, got {source!r}")
     attrs_path = root / "sourcedata" / f"sample_attributes_P{int(subject)}.csv"
     runs = find_meg_runs(root, subject, p["task"], p["sessions"], p["runs"]) if source == "raw" else None
+    attrs = read_sample_attributes(attrs_path)
     if source == "derivative":
-        attrs = read_sample_attributes(attrs_path)
         epochs_path = root / "derivatives" / "preprocessed" / f"preprocessed_P{int(subject)}-epo.fif"
         if not epochs_path.exists():
             raise FileNotFoundError(f"{epochs_path} does not exist: expected the THINGS-MEG preprocessed epochs "
@@ -381,30 +424,17 @@ def collect_trials(root: str | os.PathLike, subject: int, source: str, params: d
         trials = trials.drop(columns=["image_path"]).reset_index(drop=True)
         trials.attrs["n_epochs_expected"] = len(attrs)
         return trials
-    map_path = Path(str(p["image_map"]).format(subject=int(subject))) if p["image_map"] else attrs_path
-    nr_map = image_number_map(read_sample_attributes(map_path), map_path)
     parts = []
     for run in runs.itertuples():
-        ev = read_events_tsv(run.events_path)
-        shown = ev.trial_type != "catch"
-        known = ev.things_image_nr.isin(nr_map.index)
-        unknown = ev.things_image_nr[shown & ~known]
-        if len(unknown):
-            raise ValueError(f"{run.events_path}: image number(s) {[int(u) for u in unknown.unique()[:10]]} are not in the image "
-                             f"map {map_path} (things_image_nr -> image_path)")
-        pos = nr_map.index.get_indexer(ev.things_image_nr.fillna(-1).astype(np.int64))
-        info = nr_map.iloc[np.maximum(pos, 0)].reset_index(drop=True).astype(object)
-        info.loc[~shown.to_numpy()] = None
-        expected = ev.trial_type.map(TRIAL_TYPES)
-        wrong = shown & (info.split.to_numpy() != expected.to_numpy())
-        if wrong.any():
-            i = int(np.flatnonzero(wrong)[0])
-            raise ValueError(f"{run.events_path}: row {i + 1} is a {ev.trial_type.iloc[i]!r} trial but image "
-                             f"{ev.things_image_nr.iloc[i]} is {info.source.iloc[i]!r} in {map_path}")
-        part = pd.concat([ev, info[["source", "image_id", "concept", "split"]]], axis=1)
-        part = part.assign(session_nr=run.session_nr, run_nr=run.run_nr, raw_path=str(run.raw_path),
-                           events_path=str(run.events_path), meta_path=str(run.events_path),
-                           session=run.session, run=run.run)
+        where = f"{run.events_path} (session {run.session_nr}, run {run.run_nr}; attributes {attrs_path})"
+        run_attrs = attrs[(attrs.session_nr == run.session_nr) & (attrs.run_nr == run.run_nr)]
+        part = align_events(read_events_tsv(run.events_path), run_attrs, where, int(p["max_mismatches"]))
+        if part.mismatch.any():
+            log.info("%s: %d of %d events rows disagree with the sample attributes; images taken from the "
+                     "attributes", run.events_path, int(part.mismatch.sum()), len(part))
+        part = part.assign(session_nr=run.session_nr, run_nr=run.run_nr, n_run_events=len(part),
+                           raw_path=str(run.raw_path), events_path=str(run.events_path),
+                           meta_path=str(run.events_path), session=run.session, run=run.run)
         parts.append(part)
     return pd.concat(parts, ignore_index=True)
 
@@ -477,25 +507,26 @@ def _meg_channels(info, exclude: list[str], where) -> list[str]:
         raise ValueError(f"{where}: no MEG sensors (type 'mag') found")
     absent = sorted(set(exclude) - set(names))
     if absent:
-        log.warning("%s: channels to exclude %s are not present", where, absent)
+        log.info("%s: channels to exclude %s are not present (the derivative has dropped MRO11-1609)", where, absent)
     return [n for n in names if n not in set(exclude)]
 
 
-def preprocess_raw_run(raw, onsets: np.ndarray, params: dict | None = None):
-    """Filter one continuous run, epoch it at ``onsets`` and resample the epochs.
+def preprocess_raw_run(raw, samples: np.ndarray, params: dict | None = None):
+    """Filter and resample one continuous run, then epoch it at ``samples``.
 
     Steps (MNE defaults otherwise): pick MEG sensors minus ``exclude_channels``;
-    ``raw.filter(l_freq, h_freq)``; ``mne.Epochs(tmin, tmax, baseline=None,
-    reject_by_annotation=False, decim=epochs_decim)`` at samples
-    ``raw.first_samp + round(onset * sfreq_raw)``; ``Epochs.resample(sfreq)``.
-    ``raw`` is modified in place (picked and filtered).
+    ``raw.filter(l_freq, h_freq)``; ``raw.resample(sfreq, events=...)`` on the continuous
+    run (FFT over the whole run: no per-epoch edge effects; each onset is rounded to the
+    nearest sample of the new grid, at most half a sample, 16.7 ms at 30 Hz); then
+    ``mne.Epochs(tmin, tmax, baseline=None, reject_by_annotation=False)``.
+    ``raw`` is modified in place (picked, filtered, resampled).
 
     Parameters
     ----------
     raw : mne.io.Raw
         One run, data loaded.
-    onsets : ndarray, shape (n_trials,)
-        Image onsets (s from the first sample of the file), e.g. ``events.tsv`` onsets.
+    samples : ndarray of int, shape (n_trials,)
+        Image onsets as MNE event samples of ``raw`` (``first_samp`` included).
     params : dict
 
     Returns
@@ -506,7 +537,7 @@ def preprocess_raw_run(raw, onsets: np.ndarray, params: dict | None = None):
         Seconds relative to onset.
     channels : list of str
     kept : ndarray of int, shape (n_kept,)
-        Index into ``onsets`` of each kept epoch.
+        Index into ``samples`` of each kept epoch.
     """
     import mne
 
@@ -514,14 +545,12 @@ def preprocess_raw_run(raw, onsets: np.ndarray, params: dict | None = None):
     where = raw.filenames[0] if raw.filenames and raw.filenames[0] else "raw"
     raw.pick(_meg_channels(raw.info, p["exclude_channels"], where))
     raw.filter(p["l_freq"], p["h_freq"], verbose="warning")
-    onsets = np.asarray(onsets, dtype=np.float64)
-    samples = raw.first_samp + np.round(onsets * raw.info["sfreq"]).astype(np.int64)
+    samples = np.asarray(samples, dtype=np.int64)
     events = np.column_stack([samples, np.zeros_like(samples), np.arange(1, len(samples) + 1)])
+    if raw.info["sfreq"] != p["sfreq"]:
+        raw, events = raw.resample(p["sfreq"], events=events, verbose="error")
     epochs = mne.Epochs(raw, events, tmin=p["tmin"], tmax=p["tmax"], baseline=None, preload=True,
-                        reject_by_annotation=False, decim=int(p["epochs_decim"]), event_repeated="error",
-                        verbose="error")
-    if epochs.info["sfreq"] != p["sfreq"]:
-        epochs.resample(p["sfreq"], verbose="error")
+                        reject_by_annotation=False, event_repeated="error", verbose="error")
     return epochs.get_data(), epochs.times.copy(), list(epochs.ch_names), np.asarray(epochs.selection)
 
 
@@ -629,6 +658,8 @@ class MEGSubject:
     times : ndarray, shape (n_times,), seconds
     channels : list of str
     report : dict (counts, sampling rate, parameters)
+    runs : DataFrame, one row per run (:data:`RUN_COLUMNS`): events/attributes mismatches and
+        trigger-to-``sample`` offsets (NA where not measured: derivative source, or no ``sample``)
     """
 
     data: np.ndarray
@@ -636,6 +667,7 @@ class MEGSubject:
     times: np.ndarray
     channels: list[str]
     report: dict = field(default_factory=dict)
+    runs: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=RUN_COLUMNS))
 
 
 def _image_table(trials: pd.DataFrame, subject: int) -> pd.DataFrame:
@@ -675,7 +707,9 @@ def _check_stimuli(table: pd.DataFrame, trials: pd.DataFrame, stimulus_table, mi
         raise ValueError(f"{meta}: {err} ({where}); set missing_images: drop to skip them") from err
     if "source" in stim.columns:
         stim_source = stim.source.astype(str).to_numpy()[aligned.stimulus_row.to_numpy()]
-        differ = table.source.to_numpy() != stim_source
+        # the stimulus table may point at the THINGS database layout (<concept>/<file>) instead
+        database = np.array([things_database_path(src) for src in table.source])
+        differ = (table.source.to_numpy() != stim_source) & (database != stim_source)
         if differ.any():
             i = int(np.flatnonzero(differ)[0])
             raise ValueError(f"{meta}: image {table.image_id.iloc[i]!r} is {table.source.iloc[i]!r} in the MEG "
@@ -709,7 +743,7 @@ def load_meg_subject(root: str | os.PathLike, subject: int, source: str, params:
     p = resolve_params(params)
     trials = collect_trials(root, subject, source, p)
     if source == "raw":  # chronological within each run, as MNE expects events
-        trials = trials.sort_values(["session_nr", "run_nr", "onset"], kind="stable").reset_index(drop=True)
+        trials = trials.sort_values(["session_nr", "run_nr", "event_order"], kind="stable").reset_index(drop=True)
     n_catch = int((trials.trial_type == "catch").sum())
     table = _image_table(trials, subject)
     table = _check_stimuli(table, trials, stimulus_table, p["missing_images"])
@@ -720,10 +754,11 @@ def load_meg_subject(root: str | os.PathLike, subject: int, source: str, params:
         raise ValueError(f"{trials.meta_path.iloc[0]}: no exp/test trial left to process for P{subject}")
     acc = _ImageAccumulator(list(table.image_id), p["repeats"])
     if source == "raw":
-        times, channels, n_dropped = _process_raw_runs(use, root, subject, p, acc)
+        times, channels, n_dropped, leads = _process_raw_runs(use, trials, root, subject, p, acc)
     else:
         times, channels = _process_derivative(use, trials, subject, p, acc)
-        n_dropped = 0
+        n_dropped, leads = 0, {}
+    runs = _run_table(trials, subject, leads)
     data, keep = acc.mean()
     if not keep.all():
         log.warning("P%s: %d image(s) lost every epoch and are left out: %s", subject, int((~keep).sum()),
@@ -734,23 +769,46 @@ def load_meg_subject(root: str | os.PathLike, subject: int, source: str, params:
         data = zscore_images(data)
     report = {"subject": int(subject), "source": source, "n_trials": int(len(trials)), "n_catch_dropped": n_catch,
               "n_epochs_dropped": int(n_dropped), "n_images": int(len(table)),
-              "n_test_images": int((table.split == "test").sum()), "sfreq": float(p["sfreq"]),
-              "times": [float(t) for t in times], "channels": list(channels), "params": p}
-    return MEGSubject(data.astype(np.float32), table, np.asarray(times, dtype=np.float64), list(channels), report)
+              "n_test_images": int((table.split == "test").sum()),
+              "n_mismatches": int(trials.mismatch.sum()) if "mismatch" in trials else None,
+              "sfreq": float(p["sfreq"]), "times": [float(t) for t in times], "channels": list(channels),
+              "params": p}
+    return MEGSubject(data.astype(np.float32), table, np.asarray(times, dtype=np.float64), list(channels), report,
+                      runs)
 
 
-def _process_raw_runs(use: pd.DataFrame, root, subject: int, p: dict, acc: _ImageAccumulator):
-    """Raw source: read, filter, epoch and resample each run in turn, accumulating per image."""
+def _run_table(trials: pd.DataFrame, subject: int, leads: dict) -> pd.DataFrame:
+    """One row per run: trials, events/attributes mismatches (raw source), trigger leads over ``sample`` (s)."""
+    rows = []
+    for (ses, run), t in trials.groupby(["session_nr", "run_nr"], sort=True):
+        lead = leads.get((int(ses), int(run)))
+        stats = (np.median(lead), lead.min(), lead.max()) if lead is not None and len(lead) else (np.nan,) * 3
+        rows.append((int(subject), int(ses), int(run), len(t), int(t.mismatch.sum()) if "mismatch" in t else pd.NA,
+                     *map(float, stats)))
+    runs = pd.DataFrame(rows, columns=RUN_COLUMNS)
+    runs["n_mismatches"] = runs.n_mismatches.astype("Int64")
+    return runs
+
+
+def _process_raw_runs(use: pd.DataFrame, trials: pd.DataFrame, root, subject: int, p: dict,
+                      acc: _ImageAccumulator):
+    """Raw source: read, find onsets, filter, resample and epoch each run in turn, accumulating per image.
+
+    Returns times, channels, the number of epochs dropped and, per (session, run), the
+    trigger's lead over the events ``sample`` column (s, one value per events row).
+    """
     from tqdm.auto import tqdm
 
     channels = times = None
     n_dropped = 0
+    leads = {}
     groups = list(use.groupby(["session_nr", "run_nr"], sort=True))
-    for _, run_trials in tqdm(groups, desc=f"MEG P{subject} runs", disable=None):
+    for (ses, run), run_trials in tqdm(groups, desc=f"MEG P{subject} runs", disable=None):
         path = Path(run_trials.raw_path.iloc[0])
         raw = read_meg_run(path, root)
-        _check_samples(run_trials, raw, run_trials.events_path.iloc[0])
-        data, t, ch, kept = preprocess_raw_run(raw, run_trials.onset.to_numpy(), p)
+        all_rows = trials[(trials.session_nr == ses) & (trials.run_nr == run)]
+        samples, leads[(int(ses), int(run))] = run_onsets(raw, run_trials, all_rows, p["onset"])
+        data, t, ch, kept = preprocess_raw_run(raw, samples, p)
         del raw
         if channels is None:
             channels, times = ch, t
@@ -763,7 +821,85 @@ def _process_raw_runs(use: pd.DataFrame, root, subject: int, p: dict, acc: _Imag
             log.warning("%s: %d epoch(s) dropped by MNE (window %s..%s s outside the recording)", path, lost,
                         p["tmin"], p["tmax"])
         acc.add(run_trials.image_id.to_numpy()[kept], _apply_baseline(data, times, p["baseline"]))
-    return times, channels, n_dropped
+    return times, channels, n_dropped, leads
+
+
+def run_onsets(raw, run_trials: pd.DataFrame, all_rows: pd.DataFrame, onset: str) -> tuple[np.ndarray, np.ndarray]:
+    """Onset samples of one run's trials, from the trigger channel or the events ``sample`` column.
+
+    The events file's ``onset`` (s) and ``sample`` must agree within one sample (``sample``
+    counted from the file's first sample, or absolute as mne-bids writes it). ``trigger``:
+    the ``UPPT001`` events of value 64 (one per events row, catch trials included) taken in
+    order of the events onsets; ``sample``: the ``sample`` column (photodiode-corrected).
+
+    Parameters
+    ----------
+    raw : mne.io.Raw
+        The run, before channels are picked (the trigger channel is needed).
+    run_trials : DataFrame
+        The trials to epoch (:func:`collect_trials` rows: ``onset, sample, event_order``).
+    all_rows : DataFrame
+        Every events row of the run (catch included), same columns.
+    onset : {"trigger", "sample"}
+
+    Returns
+    -------
+    samples : ndarray of int, shape (len(run_trials),)
+        MNE event samples (``raw.first_samp`` included).
+    lead : ndarray of float, shape (n_rows_with_sample,)
+        ``sample`` minus trigger (s) for every events row with a ``sample`` (empty when the
+        run has no ``sample`` column or no trigger channel is needed and present).
+
+    Raises
+    ------
+    ValueError
+        Naming the events file, session and run: ``onset`` and ``sample`` disagree, the
+        ``sample`` column is missing in ``sample`` mode, the trigger channel is missing or
+        holds another number of image triggers than the events file has rows.
+    """
+    import mne
+
+    where = (f"{all_rows.events_path.iloc[0]} (session {all_rows.session_nr.iloc[0]}, "
+             f"run {all_rows.run_nr.iloc[0]})")
+    sf, first = raw.info["sfreq"], raw.first_samp
+    rows = all_rows.sort_values("event_order")
+    s = rows["sample"].to_numpy(dtype=float)
+    have = ~np.isnan(s)
+    from_onset = np.round(rows.onset.to_numpy() * sf)
+    offset = 0  # 'sample' counted from the first sample of the file (CTF: first_samp = 0) ...
+    if have.any() and first and np.all(np.abs(s[have] - from_onset[have] - first) <= 1):
+        offset = first  # ... or absolute, as mne-bids writes it
+    bad = have & (np.abs(s - offset - from_onset) > 1)
+    if bad.any():
+        raise ValueError(f"{where}: {int(bad.sum())} events row(s) have a 'sample' that differs from "
+                         f"onset x {sf:g} Hz by more than one sample (first at onset(s) "
+                         f"{list(rows.onset[bad][:3])} s): 'onset' and 'sample' must describe the same times")
+    abs_sample = first + s - offset
+    if onset == "sample":
+        missing = run_trials["sample"].isna()
+        if missing.any():
+            raise ValueError(f"{where}: onset: sample needs the events 'sample' column, n/a on "
+                             f"{int(missing.sum())} exp/test row(s); use onset: trigger")
+    if TRIGGER_CHANNEL not in raw.ch_names:
+        if onset == "trigger":
+            raise ValueError(f"{where}: no {TRIGGER_CHANNEL} trigger channel in {raw.filenames[0]} (onset: trigger); "
+                             "use onset: sample")
+        return (first + run_trials["sample"].to_numpy() - offset).astype(np.int64), np.array([])
+    found = mne.find_events(raw, stim_channel=TRIGGER_CHANNEL, initial_event=True, verbose="error")
+    trig = found[found[:, 2] == IMAGE_TRIGGER, 0]
+    if len(trig) != len(rows):
+        if onset == "trigger":
+            raise ValueError(f"{where}: {len(trig)} image triggers (value {IMAGE_TRIGGER}) on {TRIGGER_CHANNEL} but "
+                             f"{len(rows)} events rows; one trigger per image is expected (use onset: sample)")
+        log.warning("%s: %d image triggers for %d events rows; trigger offsets not measured", where, len(trig), len(rows))
+        return (first + run_trials["sample"].to_numpy() - offset).astype(np.int64), np.array([])
+    lead = (abs_sample[have] - trig[have]) / sf
+    if len(lead):
+        log.info("%s: the trigger leads the events 'sample' by %.1f ms (median; %.1f..%.1f)", where,
+                 1e3 * np.median(lead), 1e3 * lead.min(), 1e3 * lead.max())
+    if onset == "trigger":
+        return trig[run_trials.event_order.to_numpy()].astype(np.int64), lead
+    return (first + run_trials["sample"].to_numpy() - offset).astype(np.int64), lead
 
 
 def _process_derivative(use: pd.DataFrame, trials: pd.DataFrame, subject: int, p: dict, acc: _ImageAccumulator):
@@ -801,19 +937,6 @@ def _process_derivative(use: pd.DataFrame, trials: pd.DataFrame, subject: int, p
     return times, channels
 
 
-def _check_samples(run_trials: pd.DataFrame, raw, events_path) -> None:
-    """Warn when the events.tsv ``sample`` column disagrees with ``onset`` by more than one sample."""
-    s = run_trials["sample"].to_numpy(dtype=float)
-    ok = ~np.isnan(s)
-    if not ok.any():
-        return
-    from_onset = np.round(run_trials.onset.to_numpy()[ok] * raw.info["sfreq"])
-    off = np.minimum(np.abs(s[ok] - from_onset), np.abs(s[ok] - from_onset - raw.first_samp))
-    if (off > 1).any():
-        log.warning("%s: %d 'sample' value(s) disagree with onset * sfreq by more than one sample; using 'onset'",
-                    events_path, int((off > 1).sum()))
-
-
 # ----------------------------------------------------------------------------- outputs
 
 
@@ -841,7 +964,8 @@ def read_meg_table(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
 
 def prepare_meg_subject(root: str | os.PathLike, subject: int, source: str, out_data: str | os.PathLike,
                         out_table: str | os.PathLike, out_times: str | os.PathLike, params: dict | None = None,
-                        stimulus_table: str | os.PathLike | pd.DataFrame | None = None) -> dict:
+                        stimulus_table: str | os.PathLike | pd.DataFrame | None = None,
+                        out_mismatches: str | os.PathLike | None = None) -> dict:
     """Load, preprocess and write one THINGS-MEG subject (the workflow rule's entry point).
 
     Parameters
@@ -861,11 +985,14 @@ def prepare_meg_subject(root: str | os.PathLike, subject: int, source: str, out_
         Keys of :data:`DEFAULT_PARAMS` (config ``meg:``).
     stimulus_table : path or DataFrame, optional
         The THINGS stimulus table; every MEG image must be in it.
+    out_mismatches : path, optional
+        Parquet, one row per run (:data:`RUN_COLUMNS`): events/attributes mismatches and
+        the trigger's lead over the events ``sample`` column (s).
 
     Returns
     -------
     report : dict
-        Counts (trials, catch trials dropped, epochs dropped, images), sfreq, times, channels.
+        Counts (trials, catch trials dropped, epochs dropped, images, mismatches), sfreq, times, channels.
     """
     subj = load_meg_subject(root, subject, source, params, stimulus_table)
     written = []
@@ -874,10 +1001,14 @@ def prepare_meg_subject(root: str | os.PathLike, subject: int, source: str, out_
         written.append(Path(out_data))
         save_npy_atomic(out_times, subj.times)
         written.append(Path(out_times))
+        if out_mismatches is not None:
+            save_parquet_atomic(subj.runs, out_mismatches)
+            written.append(Path(out_mismatches))
         write_meg_table(subj.table, out_table, subj.report)
     except BaseException:
         for w in written:
             w.unlink(missing_ok=True)
         raise
-    log.info("wrote %s %s, %s, %s", subj.data.shape, out_data, out_table, out_times)
+    log.info("wrote %s %s, %s, %s; mismatches per run: %s", subj.data.shape, out_data, out_table, out_times,
+             subj.runs.n_mismatches.tolist())
     return subj.report

@@ -18,9 +18,13 @@ What is written under ``root`` (the layouts of OpenNeuro ds004212; ``docs/meg.md
 Trials: every training image once, every test image ``test_repeats`` times, and
 ``n_catch_trials`` catch trials showing ``images_catch_meg/catchNNN.jpg``; a seeded
 shuffle spreads them over ``n_sessions`` x ``n_runs`` runs; successive onsets are
-``soa`` +- ``soa_jitter`` s apart. Onsets in ``events.tsv`` are the (photodiode) times
-the responses are locked to; the trigger channel ``UPPT001`` steps
-``photodiode_delay`` s *earlier*, so a loader that epochs on the trigger is off by that delay.
+``soa`` +- ``soa_jitter`` s apart. Onsets in ``events.tsv`` (``onset`` and ``sample``) are
+the (photodiode) times the responses are locked to; the trigger channel ``UPPT001`` steps to
+64 ``photodiode_delay`` s *earlier* at every trial (catch included) and to 32 once after the
+last trial, as in THINGS-MEG, so epochs locked to the trigger see every latency
+``photodiode_delay`` s later. In ``n_value_mismatches`` seeded trials per run the events
+``value`` names another image (the sample attributes stay right), the quirk neuralset
+documents on the real data.
 
 Planted effects (exactly these, nothing else; figures made from simulated data show
 these planted effects recovered, not findings about the brain):
@@ -96,7 +100,8 @@ __all__ = [
 SIGNALS = ("forward", "backprop")
 SIGNAL_UNIT_T = 1e-13  # one simulation unit = 100 fT in the FIF files
 TRIGGER_CHANNEL = "UPPT001"
-TRIGGER_CODES = {"exp": 1, "test": 2, "catch": 3}
+IMAGE_TRIGGER, END_TRIGGER = 64, 32  # UPPT001 values: every image onset, end of the run (THINGS-MEG)
+EPOCH_CODES = {"exp": 1, "test": 2, "catch": 3}  # event ids of the derivative's epochs
 DROPPED_IN_DERIVATIVE = "MRO11-1609"
 
 DEFAULT_PARAMS: dict = {
@@ -114,6 +119,7 @@ DEFAULT_PARAMS: dict = {
     "soa_jitter": 0.2,  # uniform jitter of the interval (+- s)
     "run_padding": 4.0,  # recording before the first and after the last onset (s)
     "photodiode_delay": 0.03,  # the trigger channel leads the events.tsv onsets by this (s)
+    "n_value_mismatches": 2,  # exp/test trials per run whose events.tsv value names another image (seeded)
     "line_freq": 60.0,  # PowerLineFrequency in the sidecar (no line noise is simulated)
     # planted effects
     "n_components": 2,  # read-out components per layer and signal
@@ -159,6 +165,8 @@ def resolve_params(params: dict | None) -> dict:
     if out["run_padding"] < max(out["derivative_tmax"], 3.0) + 0.5:
         raise ValueError("simulation parameter 'run_padding' must exceed the longest epoch (3 s) by 0.5 s, "
                          f"got {out['run_padding']}")
+    if out["n_value_mismatches"] < 0:
+        raise ValueError(f"simulation parameter 'n_value_mismatches' must be >= 0, got {out['n_value_mismatches']}")
     if not out["snr"] > 0:
         raise ValueError(f"simulation parameter 'snr' must be > 0 (inf for no noise), got {out['snr']}")
     return out
@@ -428,7 +436,9 @@ def simulate_things_meg(root: str | os.PathLike, stimulus_table: pd.DataFrame | 
     -------
     trials : DataFrame
         One row per trial of every subject: ``subject, session_nr, run_nr, trial_nr,
-        trial_type, image_id, image_path, things_image_nr, things_category_nr, onset, sample``.
+        trial_type, image_id, image_path, things_image_nr, things_category_nr, onset, sample,
+        value`` (the truth, and ``value`` as written to ``events.tsv``: another image's number
+        on the planted mismatches), ``trigger_sample`` (the ``UPPT001`` onset).
     """
     p = resolve_params(params)
     root = Path(root)
@@ -464,11 +474,14 @@ def simulate_things_meg(root: str | os.PathLike, stimulus_table: pd.DataFrame | 
             trials = _label_trials(_design_trials(stim, p, subject, seed), stim)
             noise_rng = np.random.default_rng([seed, 50, subject])
             trials["onset"], trials["sample"] = np.nan, -1
+            trials["value"] = _wrong_values(trials, stim, p, subject, seed)
+            trials["trigger_sample"] = -1
             derivative = []
             for (ses, run), run_trials in trials.groupby(["session_nr", "run_nr"], sort=True):
                 x, onsets = _continuous_run(run_trials, responses, len(channels), len(resp_times), p, noise_rng)
                 trials.loc[run_trials.index, "onset"] = onsets / p["sfreq"]
                 trials.loc[run_trials.index, "sample"] = onsets
+                trials.loc[run_trials.index, "trigger_sample"] = onsets - int(round(p["photodiode_delay"] * p["sfreq"]))
                 raw = _write_raw_run(tmp, subject, ses, run, x, onsets, trials.loc[run_trials.index], channels, p)
                 derivative.append(_derivative_epochs(raw, channels, onsets, run_trials.trial_type, p))
             trials["subject"] = subject
@@ -493,7 +506,21 @@ def simulate_things_meg(root: str | os.PathLike, stimulus_table: pd.DataFrame | 
         raise
     return pd.concat(all_trials, ignore_index=True)[
         ["subject", "session_nr", "run_nr", "trial_nr", "trial_type", "image_id", "image_path",
-         "things_image_nr", "things_category_nr", "onset", "sample"]]
+         "things_image_nr", "things_category_nr", "onset", "sample", "value", "trigger_sample"]]
+
+
+def _wrong_values(trials: pd.DataFrame, stim: pd.DataFrame, p: dict, subject: int, seed: int) -> pd.Series:
+    """events.tsv ``value`` of each trial: its image number, except ``n_value_mismatches`` seeded exp/test
+    trials per run that get another image's number (the attributes keep the right one)."""
+    rng = np.random.default_rng([seed, 70, subject])
+    values = trials.things_image_nr.copy()
+    numbers = stim.things_image_nr.to_numpy()
+    for _, run in trials.groupby(["session_nr", "run_nr"], sort=True):
+        shown = run.index[run.trial_type != "catch"]
+        for i in rng.choice(shown, size=min(int(p["n_value_mismatches"]), len(shown)), replace=False):
+            others = numbers[numbers != values[i]]
+            values[i] = int(rng.choice(others)) if len(others) else values[i]
+    return values
 
 
 def _label_trials(trials: pd.DataFrame, stim: pd.DataFrame) -> pd.DataFrame:
@@ -519,9 +546,11 @@ def _write_raw_run(tmp: Path, subject: int, ses: int, run: int, x: np.ndarray, o
 
     sf = float(p["sfreq"])
     trig = np.zeros((1, x.shape[1]))
-    delay, width = int(round(p["photodiode_delay"] * sf)), max(1, int(round(0.01 * sf)))
-    for onset, tt in zip(onsets, run_trials.trial_type):
-        trig[0, onset - delay:onset - delay + width] = TRIGGER_CODES[tt]
+    delay, width = int(round(p["photodiode_delay"] * sf)), max(2, int(round(0.01 * sf)))
+    for onset in onsets:
+        trig[0, onset - delay:onset - delay + width] = IMAGE_TRIGGER
+    end = onsets[-1] + int(round(p["image_duration"] * sf))
+    trig[0, end:end + width] = END_TRIGGER
     info = mne.create_info(channels + [TRIGGER_CHANNEL], sf, ["mag"] * len(channels) + ["stim"])
     info["line_freq"] = float(p["line_freq"])
     raw = mne.io.RawArray(np.concatenate([x * SIGNAL_UNIT_T, trig]), info, verbose=False)
@@ -535,7 +564,7 @@ def _write_raw_run(tmp: Path, subject: int, ses: int, run: int, x: np.ndarray, o
         "duration": p["image_duration"],
         "trial_type": run_trials.trial_type.to_numpy(),
         "things_category_nr": run_trials.things_category_nr.to_numpy(),
-        "value": run_trials.things_image_nr.to_numpy(),
+        "value": run_trials.value.to_numpy(),
         "sample": onsets,
     })
     events.to_csv(bids_path.copy().update(suffix="events", extension=".tsv").fpath, sep="\t", index=False,
@@ -548,7 +577,7 @@ def _derivative_epochs(raw, channels: list[str], onsets: np.ndarray, trial_types
     import mne
 
     filt = raw.copy().pick(channels).filter(p["derivative_l_freq"], p["derivative_h_freq"], verbose="error")
-    events = np.column_stack([onsets, np.zeros_like(onsets), [TRIGGER_CODES[t] for t in trial_types]])
+    events = np.column_stack([onsets, np.zeros_like(onsets), [EPOCH_CODES[t] for t in trial_types]])
     ep = mne.Epochs(filt, events, tmin=p["derivative_tmin"], tmax=p["derivative_tmax"], baseline=None, preload=True,
                     reject_by_annotation=False, event_repeated="error", verbose=False)
     if len(ep) != len(onsets):
@@ -566,7 +595,7 @@ def _write_derivative(path: Path, runs: list, p: dict) -> None:
     events = np.concatenate([ev for _, ev, _ in runs])
     events[:, 0] = np.arange(len(events)) * int(np.ceil(p["soa"] * p["derivative_sfreq"]))  # unique sample numbers
     epochs = mne.EpochsArray(np.concatenate([d for d, _, _ in runs]), runs[0][2], events=events,
-                             tmin=p["derivative_tmin"], event_id=TRIGGER_CODES, baseline=None, verbose=False)
+                             tmin=p["derivative_tmin"], event_id=EPOCH_CODES, baseline=None, verbose=False)
     epochs.drop_channels([DROPPED_IN_DERIVATIVE])
     path.parent.mkdir(parents=True, exist_ok=True)
     epochs.save(path, split_size=p["derivative_split_size"], overwrite=True, verbose=False)
