@@ -228,3 +228,37 @@ def test_run_feature_extraction_and_pca_write_aligned_files(dino_checkpoint, tmp
     run_pca(tmp_path / "raw", tmp_path / "pca", layers, n_components=4, seed=0)
     assert np.load(tmp_path / "pca/blocks.0.mlp.fc2.backprop.npy").shape == (7, 4)
     assert pd.read_parquet(tmp_path / "pca/pca_summary.parquet").shape[0] == 4
+
+
+def test_a_layer_projection_does_not_depend_on_the_other_layers(batch, tmp_path):
+    """Seeded by the layer's name: alone (as in the robustness rule) or among others, same features;
+    and the same whether its matrix is kept in memory or memory-mapped from a scratch file."""
+    images, ids = batch
+    loss = ToyImageWiseLoss()
+    together = FeatureExtractor(loss, LAYERS, projection="gaussian", projection_dim=16, seed=3).backprop(images, ids)
+    alone = FeatureExtractor(loss, LAYERS[1:], projection="gaussian", projection_dim=16, seed=3)
+    mapped = FeatureExtractor(loss, LAYERS[1:], projection="gaussian", projection_dim=16, seed=3,
+                              memory_budget_mb=1e-6, scratch_dir=tmp_path)
+    assert alone.projectors[LAYERS[1]].storage == "device" and mapped.projectors[LAYERS[1]].storage == "memmap"
+    a, m = alone.backprop(images, ids)[LAYERS[1]], mapped.backprop(images, ids)[LAYERS[1]]
+    assert a.abs().max() > 0 and len(list(tmp_path.iterdir())) == 1
+    assert torch.equal(a, together[LAYERS[1]])
+    torch.testing.assert_close(m, a, rtol=1e-5, atol=1e-6 * a.abs().max().item())
+    # equal-shaped layers still get independent maps
+    assert not torch.allclose(together[LAYERS[0]], FeatureExtractor(
+        loss, LAYERS[::-1], projection="gaussian", projection_dim=16, seed=3).backprop(images, ids)[LAYERS[1]])
+    mapped.close()
+    assert not list(tmp_path.iterdir())
+
+
+def test_nested_projection_equals_a_direct_extraction_at_that_dim(batch):
+    """Fig. S2: the k-dim backprop features derived from one K-dim extraction equal a k-dim extraction."""
+    from brainprop.projection import nested_gaussian
+
+    images, ids = batch
+    loss = ToyImageWiseLoss()
+    big = FeatureExtractor(loss, LAYERS[1:], projection_dim=48, seed=0).backprop(images, ids)[LAYERS[1]].numpy()
+    for k in (8, 40):
+        direct = FeatureExtractor(loss, LAYERS[1:], projection_dim=k, seed=0).backprop(images, ids)[LAYERS[1]].numpy()
+        # float32 sums of D = 24 x 96 products: within 1e-5 of the largest value
+        np.testing.assert_allclose(nested_gaussian(big, k), direct, rtol=0, atol=1e-5 * np.abs(direct).max())
