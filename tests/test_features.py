@@ -262,3 +262,29 @@ def test_nested_projection_equals_a_direct_extraction_at_that_dim(batch):
         direct = FeatureExtractor(loss, LAYERS[1:], projection_dim=k, seed=0).backprop(images, ids)[LAYERS[1]].numpy()
         # float32 sums of D = 24 x 96 products: within 1e-5 of the largest value
         np.testing.assert_allclose(nested_gaussian(big, k), direct, rtol=0, atol=1e-5 * np.abs(direct).max())
+
+
+class _UnevenLoss(ToyImageWiseLoss):
+    """Images whose id ends in "a" own two rows of the second network call, the others one."""
+
+    def __call__(self, images, image_ids):
+        x = self.plain_view(images)
+        local = torch.stack([self._local(im, i) for im, i in zip(x, image_ids)])
+        extra = torch.tensor([b for b, i in enumerate(image_ids) if i.endswith("a")], dtype=torch.long)
+        a = self.network.forward_features(x)
+        b = self.network.forward_features(torch.cat([local, local[extra].flip(-1)]))
+        target = torch.tanh(a.detach().mean(1) * 3)
+        losses = ((a[:, 0] - target) ** 2).sum(1) + ((b[:len(image_ids)].mean(1) - target) ** 2).sum(1)
+        losses = losses.index_add(0, extra, (b[len(image_ids):] ** 2).mean((1, 2)))
+        owner = torch.cat([torch.arange(len(image_ids)), torch.arange(len(image_ids)), extra])
+        return losses, owner
+
+
+def test_weight_gradients_with_uneven_rows_per_image_equal_single_image_autograd(batch):
+    images, ids = batch
+    loss = _UnevenLoss()
+    feats = FeatureExtractor(loss, LAYERS, projection="none").backprop(images, ids)
+    for layer in LAYERS:
+        for b in range(len(ids)):
+            ref = _weight_grad_alone(loss, images[b], ids[b], layer).flatten()
+            torch.testing.assert_close(feats[layer][b], ref, rtol=1e-5, atol=1e-7)

@@ -198,7 +198,15 @@ class FeatureExtractor:
         weight_grads = torch.zeros(n_images, rows, cols, device=grads[0].device)
         for g, x, own in zip(grads, inputs, chunks):
             g2, x2 = g.float().reshape(g.shape[0], -1, rows), x.float().reshape(x.shape[0], -1, cols)
-            for b in own.unique().tolist():
+            present, counts = own.unique(return_counts=True)
+            if bool((counts == counts[0]).all()):
+                # every image owns as many rows of this call: one batched product over its sorted rows
+                order = torch.argsort(own, stable=True)
+                per = (len(present), -1)
+                weight_grads.index_add_(0, present, torch.bmm(g2[order].reshape(*per, rows).transpose(1, 2),
+                                                              x2[order].reshape(*per, cols)))
+                continue
+            for b in present.tolist():
                 rows_b = own == b
                 weight_grads[b] += g2[rows_b].reshape(-1, rows).T @ x2[rows_b].reshape(-1, cols)
         flat = weight_grads.reshape(n_images, -1)
