@@ -1,12 +1,13 @@
 """Fig. S2: robustness of the encoding scores to the projection and PCA dimensions.
 
 For one model checkpoint and one layer, the per-image gradients are projected ONCE, by the
-Gaussian projection at the largest of ``robustness.projection_dims`` (one backward pass per image);
-each smaller dimension ``k`` is derived from it exactly, as its first ``k`` columns times
-``sqrt(K / k)`` (the Gaussian matrix is column-nested, :func:`brainprop.projection.nested_gaussian`),
-which is the ``k``-dim projection of the same seed. The grid always uses the Gaussian projection
-(the Kronecker one does not nest). Both signals are then reduced by PCA to each of
-``robustness.pca_dims`` (components are nested: one PCA per signal and projection, truncated). Every (signal, projection, PCA) cell is encoded like the main analysis
+Gaussian projection at the largest ``K`` of ``robustness.projection_dims`` (one backward pass per
+image); each smaller dimension ``k`` is derived as the first ``k`` columns times ``sqrt(K / k)``
+(the Gaussian matrix is column-nested, :func:`brainprop.projection.nested_gaussian`), which is the
+``k``-dim projection of the same layer seed up to float32 rounding. The grid always uses the
+Gaussian projection (the Kronecker one does not nest). Both signals are then reduced by PCA to
+each of ``robustness.pca_dims`` (components are nested: one PCA per signal and projection,
+truncated). Every (signal, projection, PCA) cell is encoded like the main analysis
 (:func:`brainprop.encoding.cross_validated_ridge`, same alphas and splits, no permutations) and
 summarised like Fig. 3:
 
