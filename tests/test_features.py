@@ -288,3 +288,26 @@ def test_weight_gradients_with_uneven_rows_per_image_equal_single_image_autograd
         for b in range(len(ids)):
             ref = _weight_grad_alone(loss, images[b], ids[b], layer).flatten()
             torch.testing.assert_close(feats[layer][b], ref, rtol=1e-5, atol=1e-7)
+
+
+def test_run_feature_extraction_memory_mapped_leaves_no_scratch_and_matches_in_memory(dino_checkpoint, tmp_path):
+    from brainprop.features import run_feature_extraction
+    from brainprop.stimuli import generate_things_demo, things_stimulus_table
+
+    path, _ = dino_checkpoint
+    root = tmp_path / "things"
+    generate_things_demo(root, n_concepts=2, images_per_concept=2, n_test_concepts=1, n_catch=0, image_size=32, seed=0)
+    things_stimulus_table(root).to_parquet(tmp_path / "things.parquet")
+    layer = "blocks.1.mlp.fc2"
+    model = {"kind": "dino_checkpoint", "image_size": 32, "loss": {}}
+    out = {}
+    for budget in (64, 1e-6):  # in memory; memory-mapped in the job's output folder
+        features = {"layers": [layer], "pooling": "mean", "backprop_target": "weight", "batch_size": 3,
+                    "projection": {"method": "gaussian", "dim": 24, "memory_budget_mb": budget}}
+        run_feature_extraction(path, tmp_path / "things.parquet", root, tmp_path / f"raw{budget}", model, features,
+                               seed=0)
+        names = sorted(p.name for p in (tmp_path / f"raw{budget}").iterdir())
+        assert names == [f"{layer}.backprop.npy", f"{layer}.forward.npy", "index.parquet"]
+        out[budget] = np.load(tmp_path / f"raw{budget}/{layer}.backprop.npy")
+    assert np.abs(out[64]).max() > 0
+    np.testing.assert_allclose(out[1e-6], out[64], rtol=0, atol=1e-5 * np.abs(out[64]).max())
