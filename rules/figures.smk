@@ -37,18 +37,20 @@ def figure_params(*keys, **extra):
 
 
 def robustness_features(wildcards):
-    """Feature settings of the robustness grid: one layer, the projection dimension of the wildcard."""
+    """Feature settings of the robustness grid: one layer, the Gaussian projection at the grid's largest
+    dimension (the smaller ones are derived from it: the Gaussian matrix is column-nested)."""
     features = features_config(wildcards)
-    return {**features, "layers": [ROBUST_LAYER], "projection": {**features["projection"], "dim": int(wildcards.dim)}}
+    projection = {**features["projection"], "method": "gaussian", "dim": max(config["robustness"]["projection_dims"])}
+    return {**features, "layers": [ROBUST_LAYER], "projection": projection}
 
 
-def robustness_dirs(dataset):
-    model, checkpoint = FIGURE_MODEL, final_checkpoint(FIGURE_MODEL)
-    return {d: f"{RESULTS}/robustness/{model}/{checkpoint}/{dataset}/proj{d}" for d in config["robustness"]["projection_dims"]}
+def robustness_dir(dataset):
+    """The grid's one feature extraction of a stimulus set (last checkpoint of figures.model)."""
+    return f"{RESULTS}/robustness/{FIGURE_MODEL}/{final_checkpoint(FIGURE_MODEL)}/{dataset}"
 
 
 def robustness_inputs(dataset):
-    return [f"{folder}/{name}" for folder in robustness_dirs(dataset).values()
+    return [f"{robustness_dir(dataset)}/{name}"
             for name in (f"{ROBUST_LAYER}.forward.npy", f"{ROBUST_LAYER}.backprop.npy", "index.parquet")]
 
 
@@ -82,13 +84,15 @@ rule extract_robustness:
         checkpoint=checkpoint_file,
         table=f"{RESULTS}/stimuli/{{dataset}}.parquet",
     output:
-        forward=f"{RESULTS}/robustness/{{model}}/{{checkpoint}}/{{dataset}}/proj{{dim}}/{ROBUST_LAYER}.forward.npy",
-        backprop=f"{RESULTS}/robustness/{{model}}/{{checkpoint}}/{{dataset}}/proj{{dim}}/{ROBUST_LAYER}.backprop.npy",
-        index=f"{RESULTS}/robustness/{{model}}/{{checkpoint}}/{{dataset}}/proj{{dim}}/index.parquet",
+        forward=f"{RESULTS}/robustness/{{model}}/{{checkpoint}}/{{dataset}}/{ROBUST_LAYER}.forward.npy",
+        backprop=f"{RESULTS}/robustness/{{model}}/{{checkpoint}}/{{dataset}}/{ROBUST_LAYER}.backprop.npy",
+        index=f"{RESULTS}/robustness/{{model}}/{{checkpoint}}/{{dataset}}/index.parquet",
     wildcard_constraints:
-        dim=r"\d+",
+        model=r"[^/]+",
+        checkpoint=r"[^/]+",
+        dataset=r"[^/]+",
     log:
-        f"{RESULTS}/logs/robustness/{{model}}_{{checkpoint}}_{{dataset}}_proj{{dim}}.log",
+        f"{RESULTS}/logs/robustness/{{model}}_{{checkpoint}}_{{dataset}}.log",
     params:
         root=stimulus_root_param,
         model=model_config,
@@ -116,9 +120,10 @@ rule robustness:
     log:
         f"{RESULTS}/logs/robustness/grid.log",
     params:
-        nsd_dirs=robustness_dirs("nsd"),
-        things_dirs=robustness_dirs("things"),
+        nsd_dir=robustness_dir("nsd"),
+        things_dir=robustness_dir("things"),
         layer=ROBUST_LAYER,
+        projection_dims=config["robustness"]["projection_dims"],
         pca_dims=config["robustness"]["pca_dims"],
         encoding=config["encoding"],
         seed=config["seed"],

@@ -228,3 +228,86 @@ def test_run_feature_extraction_and_pca_write_aligned_files(dino_checkpoint, tmp
     run_pca(tmp_path / "raw", tmp_path / "pca", layers, n_components=4, seed=0)
     assert np.load(tmp_path / "pca/blocks.0.mlp.fc2.backprop.npy").shape == (7, 4)
     assert pd.read_parquet(tmp_path / "pca/pca_summary.parquet").shape[0] == 4
+
+
+def test_a_layer_projection_does_not_depend_on_the_other_layers(batch, tmp_path):
+    """Seeded by the layer's name: alone (as in the robustness rule) or among others, same features;
+    and the same whether its matrix is kept in memory or memory-mapped from a scratch file."""
+    images, ids = batch
+    loss = ToyImageWiseLoss()
+    together = FeatureExtractor(loss, LAYERS, projection="gaussian", projection_dim=16, seed=3).backprop(images, ids)
+    alone = FeatureExtractor(loss, LAYERS[1:], projection="gaussian", projection_dim=16, seed=3)
+    mapped = FeatureExtractor(loss, LAYERS[1:], projection="gaussian", projection_dim=16, seed=3,
+                              memory_budget_mb=1e-6, scratch_dir=tmp_path)
+    assert alone.projectors[LAYERS[1]].storage == "device" and mapped.projectors[LAYERS[1]].storage == "memmap"
+    a, m = alone.backprop(images, ids)[LAYERS[1]], mapped.backprop(images, ids)[LAYERS[1]]
+    assert a.abs().max() > 0 and len(list(tmp_path.iterdir())) == 1
+    assert torch.equal(a, together[LAYERS[1]])
+    torch.testing.assert_close(m, a, rtol=1e-5, atol=1e-6 * a.abs().max().item())
+    # equal-shaped layers still get independent maps
+    assert not torch.allclose(together[LAYERS[0]], FeatureExtractor(
+        loss, LAYERS[::-1], projection="gaussian", projection_dim=16, seed=3).backprop(images, ids)[LAYERS[1]])
+    mapped.close()
+    assert not list(tmp_path.iterdir())
+
+
+def test_nested_projection_equals_a_direct_extraction_at_that_dim(batch):
+    """Fig. S2: the k-dim backprop features derived from one K-dim extraction equal a k-dim extraction."""
+    from brainprop.projection import nested_gaussian
+
+    images, ids = batch
+    loss = ToyImageWiseLoss()
+    big = FeatureExtractor(loss, LAYERS[1:], projection_dim=48, seed=0).backprop(images, ids)[LAYERS[1]].numpy()
+    for k in (8, 40):
+        direct = FeatureExtractor(loss, LAYERS[1:], projection_dim=k, seed=0).backprop(images, ids)[LAYERS[1]].numpy()
+        # float32 sums of D = 24 x 96 products: within 1e-5 of the largest value
+        np.testing.assert_allclose(nested_gaussian(big, k), direct, rtol=0, atol=1e-5 * np.abs(direct).max())
+
+
+class _UnevenLoss(ToyImageWiseLoss):
+    """Images whose id ends in "a" own two rows of the second network call, the others one."""
+
+    def __call__(self, images, image_ids):
+        x = self.plain_view(images)
+        local = torch.stack([self._local(im, i) for im, i in zip(x, image_ids)])
+        extra = torch.tensor([b for b, i in enumerate(image_ids) if i.endswith("a")], dtype=torch.long)
+        a = self.network.forward_features(x)
+        b = self.network.forward_features(torch.cat([local, local[extra].flip(-1)]))
+        target = torch.tanh(a.detach().mean(1) * 3)
+        losses = ((a[:, 0] - target) ** 2).sum(1) + ((b[:len(image_ids)].mean(1) - target) ** 2).sum(1)
+        losses = losses.index_add(0, extra, (b[len(image_ids):] ** 2).mean((1, 2)))
+        owner = torch.cat([torch.arange(len(image_ids)), torch.arange(len(image_ids)), extra])
+        return losses, owner
+
+
+def test_weight_gradients_with_uneven_rows_per_image_equal_single_image_autograd(batch):
+    images, ids = batch
+    loss = _UnevenLoss()
+    feats = FeatureExtractor(loss, LAYERS, projection="none").backprop(images, ids)
+    for layer in LAYERS:
+        for b in range(len(ids)):
+            ref = _weight_grad_alone(loss, images[b], ids[b], layer).flatten()
+            torch.testing.assert_close(feats[layer][b], ref, rtol=1e-5, atol=1e-7)
+
+
+def test_run_feature_extraction_memory_mapped_leaves_no_scratch_and_matches_in_memory(dino_checkpoint, tmp_path):
+    from brainprop.features import run_feature_extraction
+    from brainprop.stimuli import generate_things_demo, things_stimulus_table
+
+    path, _ = dino_checkpoint
+    root = tmp_path / "things"
+    generate_things_demo(root, n_concepts=2, images_per_concept=2, n_test_concepts=1, n_catch=0, image_size=32, seed=0)
+    things_stimulus_table(root).to_parquet(tmp_path / "things.parquet")
+    layer = "blocks.1.mlp.fc2"
+    model = {"kind": "dino_checkpoint", "image_size": 32, "loss": {}}
+    out = {}
+    for budget in (64, 1e-6):  # in memory; memory-mapped in the job's output folder
+        features = {"layers": [layer], "pooling": "mean", "backprop_target": "weight", "batch_size": 3,
+                    "projection": {"method": "gaussian", "dim": 24, "memory_budget_mb": budget}}
+        run_feature_extraction(path, tmp_path / "things.parquet", root, tmp_path / f"raw{budget}", model, features,
+                               seed=0)
+        names = sorted(p.name for p in (tmp_path / f"raw{budget}").iterdir())
+        assert names == [f"{layer}.backprop.npy", f"{layer}.forward.npy", "index.parquet"]
+        out[budget] = np.load(tmp_path / f"raw{budget}/{layer}.backprop.npy")
+    assert np.abs(out[64]).max() > 0
+    np.testing.assert_allclose(out[1e-6], out[64], rtol=0, atol=1e-5 * np.abs(out[64]).max())

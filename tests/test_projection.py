@@ -5,19 +5,69 @@ import pytest
 import torch
 from sklearn.decomposition import PCA
 
-from brainprop.projection import BLOCK_ROWS, GaussianProjection, KroneckerProjection, fit_pca, kronecker_factors
+from brainprop.projection import (
+    BLOCK_ROWS,
+    GaussianProjection,
+    KroneckerProjection,
+    fit_pca,
+    gaussian_matrix,
+    gaussian_tile,
+    kronecker_factors,
+    layer_seed,
+    nested_gaussian,
+    storage_plan,
+)
 
 
-def test_gaussian_projection_equals_matrix_product_and_ignores_budget():
-    d = 2 * BLOCK_ROWS + 123  # three blocks, the last partial
+def test_gaussian_projection_is_the_same_matrix_in_memory_and_memory_mapped(tmp_path):
+    d = 2 * BLOCK_ROWS + 123  # three row blocks, the last partial
     x = torch.randn(4, d, generator=torch.Generator().manual_seed(0))
-    cached = GaussianProjection(d, 16, seed=5, memory_budget_mb=1e3)
-    streamed = GaussianProjection(d, 16, seed=5, memory_budget_mb=1e-3)
-    assert cached.cache and not streamed.cache
-    ref = x @ cached.matrix()
-    torch.testing.assert_close(cached(x), ref, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(streamed(x), ref, rtol=1e-5, atol=1e-4)
-    assert not streamed._blocks  # nothing kept beyond one block at a time
+    ref_matrix = gaussian_matrix(d, 40, seed=5)  # 40: one full and one cut column chunk
+    in_memory = GaussianProjection(d, 40, seed=5, storage="device")
+    mapped = GaussianProjection(d, 40, seed=5, storage="memmap", scratch_dir=tmp_path)
+    ref = x.double() @ ref_matrix.double()
+    torch.testing.assert_close(in_memory(x).double(), ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(mapped(x).double(), ref, rtol=1e-5, atol=1e-4)
+    assert torch.equal(in_memory.matrix(), ref_matrix) and torch.equal(mapped.matrix(), ref_matrix)
+    # the memory-mapped matrix lives in one scratch file, generated once, deleted on close
+    (scratch,) = tmp_path.iterdir()
+    assert scratch.stat().st_size >= mapped.nbytes == 4 * d * 40
+    mtime = scratch.stat().st_mtime_ns
+    mapped(x)
+    assert scratch.stat().st_mtime_ns == mtime and isinstance(mapped._z, np.memmap)
+    mapped.close()
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="storage"):
+        GaussianProjection(d, 4, seed=0, storage="disk")
+
+
+def test_gaussian_projection_is_column_nested():
+    d, big = BLOCK_ROWS + 77, 70
+    x = torch.randn(5, d, generator=torch.Generator().manual_seed(3))
+    tiles_big = [gaussian_tile(2, j, rows, big) for j, rows in enumerate((BLOCK_ROWS, 77))]
+    full = GaussianProjection(d, big, seed=2)(x).numpy()
+    for k in (1, 31, 32, 33, 64, 70):
+        # the unscaled matrix's first k columns do not depend on the projected dimension
+        assert all(torch.equal(gaussian_tile(2, j, t.shape[0], k), t[:, :k]) for j, t in enumerate(tiles_big))
+        torch.testing.assert_close(gaussian_matrix(d, k, seed=2) * np.sqrt(k), torch.cat(tiles_big)[:, :k])
+        direct = GaussianProjection(d, k, seed=2)(x).numpy()
+        # float32 products over D = 8269 terms: |error| <= 1e-5 relative to the largest value
+        np.testing.assert_allclose(nested_gaussian(full, k), direct, rtol=0, atol=1e-5 * np.abs(direct).max())
+    with pytest.raises(ValueError, match="cannot derive"):
+        nested_gaussian(full, big + 1)
+
+
+def test_storage_plan_fills_the_budget_in_order():
+    mib = 2**20
+    assert storage_plan([mib, mib, mib], 2) == ["device", "device", "memmap"]
+    assert storage_plan([3 * mib, mib], 2) == ["memmap", "device"]
+    assert storage_plan([mib], 0.5) == ["memmap"]
+
+
+def test_layer_seed_depends_on_the_name_only():
+    assert layer_seed(0, "blocks.11.mlp.fc2") == layer_seed(0, "blocks.11.mlp.fc2")
+    assert len({layer_seed(0, "blocks.1.mlp.fc2"), layer_seed(0, "blocks.11.mlp.fc2"),
+                layer_seed(1, "blocks.1.mlp.fc2")}) == 3
 
 
 def test_gaussian_projection_preserves_norms_on_average():

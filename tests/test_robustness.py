@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from brainprop.encoding import cross_validated_ridge
-from brainprop.projection import fit_pca
+from brainprop.projection import fit_pca, nested_gaussian
 from brainprop.robustness import grid_features, nested_pca, score_grid, summarise_fmri, summarise_meg
 from brainprop.scoring import alphas_from_config
 
@@ -34,14 +34,14 @@ def _write(folder, layer, fwd, bwd, ids):
 def test_grid_features_and_scores_match_the_main_encoding(tmp_path):
     rng = np.random.default_rng(1)
     ids = [f"img{i}" for i in range(40)]
-    fwd = rng.normal(size=(40, 10))
-    dirs = {}
-    for d in (4, 8):
-        dirs[d] = tmp_path / f"proj{d}"
-        _write(dirs[d], "L", fwd, rng.normal(size=(40, d)), ids)
-    feats, order = grid_features(dirs, "L", [2, 6], seed=0)
+    fwd, bwd = rng.normal(size=(40, 10)), rng.normal(size=(40, 8))
+    _write(tmp_path / "raw", "L", fwd, bwd, ids)
+    feats, order = grid_features(tmp_path / "raw", "L", [8, 4], [2, 6], seed=0)
     assert sorted(feats) == [("backprop", 4, 2), ("backprop", 8, 2), ("backprop", 8, 6), ("forward", 0, 2),
                              ("forward", 0, 6)]
+    # each projection dim is the PCA of the nested projection derived from the one extraction
+    np.testing.assert_array_equal(feats[("backprop", 4, 2)], fit_pca(nested_gaussian(bwd, 4), 2, 0)[0])
+    np.testing.assert_array_equal(feats[("backprop", 8, 6)], fit_pca(bwd.astype(np.float32), 6, 0)[0])
     Y = rng.normal(size=(40, 7))
     Y[:, 0] += 3 * feats[("forward", 0, 2)][:, 0] / feats[("forward", 0, 2)][:, 0].std()
     targets = ids[::-1]  # the brain data's own image order
@@ -57,9 +57,42 @@ def test_grid_features_and_scores_match_the_main_encoding(tmp_path):
 
 def test_grid_features_rejects_a_wrong_projection_width(tmp_path):
     ids = ["a", "b", "c"]
-    _write(tmp_path / "proj4", "L", np.ones((3, 2)), np.ones((3, 5)), ids)
-    with pytest.raises(ValueError, match="expected projection dim 4"):
-        grid_features({4: tmp_path / "proj4"}, "L", [1], seed=0)
+    _write(tmp_path / "raw", "L", np.ones((3, 2)), np.ones((3, 5)), ids)
+    with pytest.raises(ValueError, match="expected the largest projection dim 4"):
+        grid_features(tmp_path / "raw", "L", [2, 4], [1], seed=0)
+
+
+def test_one_extraction_at_the_largest_dim_gives_each_dim_of_direct_extractions(tmp_path):
+    """The grid's derived projection dims equal one extraction per dim (the former rule), same layer seed."""
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_features import ToyImageWiseLoss
+
+    from brainprop.features import FeatureExtractor, extract_features
+
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randint(0, 256, (3, 40, 40), generator=g, dtype=torch.uint8), f"im{i}") for i in range(12)]
+    loss, layer = ToyImageWiseLoss(), "blocks.2.mlp.fc2"
+
+    def extract(dim, layers):
+        ex = FeatureExtractor(loss, layers, projection_dim=dim, seed=4)
+        fwd, bwd, ids = extract_features(ex, data, batch_size=5, desc="test")
+        return fwd[layer], bwd[layer], ids
+
+    # the grid's one job: this layer alone, at the largest dim; the references: the main extraction's layer list
+    fwd, bwd, ids = extract(24, [layer])
+    _write(tmp_path / "raw", layer, fwd, bwd, ids)
+    feats, _ = grid_features(tmp_path / "raw", layer, [6, 16, 24], [3], seed=0)
+    for dim in (6, 16, 24):
+        _, direct, _ = extract(dim, ["blocks.0.mlp.fc2", layer])
+        ref = fit_pca(direct, 3, 0)[0]
+        # float32 projections agree to 1e-5 of their scale; PCA scores (sign-fixed) follow to 1e-3 of theirs
+        np.testing.assert_allclose(nested_gaussian(bwd, dim), direct, rtol=0, atol=1e-5 * np.abs(direct).max())
+        np.testing.assert_allclose(feats[("backprop", dim, 3)], ref, rtol=0, atol=1e-3 * np.abs(ref).max())
 
 
 def test_summaries_on_hand_made_scores():

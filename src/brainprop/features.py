@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from brainprop.projection import GaussianProjection, KroneckerProjection, fit_pca
+from brainprop.projection import GaussianProjection, KroneckerProjection, fit_pca, layer_seed, storage_plan
 from brainprop.utils import get_logger, resolve_device, save_npy_atomic, save_parquet_atomic
 
 log = get_logger(__name__)
@@ -81,12 +81,17 @@ class FeatureExtractor:
     pooling : ``mean`` | ``cls`` | ``flatten``.
     backprop_target : ``weight`` | ``output``.
     projection : ``gaussian`` | ``kronecker`` | ``none``; weight gradients (and output gradients
-        larger than ``projection_dim``) are projected to ``projection_dim`` dims.
+        larger than ``projection_dim``) are projected to ``projection_dim`` dims, each layer by the
+        map seeded by ``(seed, layer name)``.
+    memory_budget_mb : float
+        Total MiB of Gaussian matrices kept on the compute device (layers in order, while they fit);
+        the other layers' matrices are memory-mapped from scratch files. Each matrix is generated once.
+    scratch_dir : folder of those scratch files (None: ``$TMPDIR``), deleted by :meth:`close`.
     """
 
     def __init__(self, loss, layers: Sequence[str], pooling: str = "mean", backprop_target: str = "weight",
                  projection: str = "gaussian", projection_dim: int = 800, seed: int = 0,
-                 memory_budget_mb: float = 1024.0):
+                 memory_budget_mb: float = 24576.0, scratch_dir: str | os.PathLike | None = None):
         if backprop_target not in BACKPROP_TARGETS:
             raise ValueError(f"backprop_target must be one of {BACKPROP_TARGETS}, got {backprop_target!r}")
         if pooling not in POOLINGS:
@@ -103,19 +108,28 @@ class FeatureExtractor:
             bad = [n for n, m in self.modules.items() if not isinstance(m, torch.nn.Linear)]
             if bad:
                 raise ValueError(f"backprop_target='weight' needs torch.nn.Linear layers; {bad} are not")
-        self.projectors = {}
-        for name, module in self.modules.items():
-            if backprop_target != "weight" or projection == "none":
-                continue
-            rows, cols = module.weight.shape
-            # per-layer seed so equal-shaped layers are projected independently
-            layer_seed = seed * 1000 + self.layers.index(name)
-            self.projectors[name] = (KroneckerProjection(rows, cols, projection_dim, layer_seed)
-                                     if projection == "kronecker" else
-                                     GaussianProjection(rows * cols, projection_dim, layer_seed, memory_budget_mb))
         self.projection, self.projection_dim = projection, projection_dim
-        self.seed, self.memory_budget_mb = seed, memory_budget_mb
+        self.seed, self.memory_budget_mb, self.scratch_dir = seed, memory_budget_mb, scratch_dir
+        self.projectors = {}
+        if backprop_target == "weight" and projection != "none":
+            shapes = {name: module.weight.shape for name, module in self.modules.items()}
+            plan = storage_plan([4 * r * c * projection_dim for r, c in shapes.values()], memory_budget_mb)
+            for (name, (rows, cols)), storage in zip(shapes.items(), plan):
+                self.projectors[name] = self._projector(name, rows, cols, storage)
         self._captures = {name: _Capture() for name in self.layers}
+
+    def _projector(self, name: str, rows: int, cols: int, storage: str):
+        """The weight-gradient projection of layer ``name`` (rows x cols weight), seeded by the name."""
+        seed = layer_seed(self.seed, name)
+        if self.projection == "kronecker":
+            return KroneckerProjection(rows, cols, self.projection_dim, seed)
+        return GaussianProjection(rows * cols, self.projection_dim, seed, storage, self.scratch_dir)
+
+    def close(self) -> None:
+        """Free the projection matrices and delete their scratch files."""
+        for proj in self.projectors.values():
+            if isinstance(proj, GaussianProjection):
+                proj.close()
 
     def _hooks(self):
         return [self.modules[n].register_forward_hook(self._captures[n].hook) for n in self.layers]
@@ -169,9 +183,13 @@ class FeatureExtractor:
             for p, own in zip(pooled, chunks):
                 out.index_add_(0, own, p)
             if out.shape[1] > self.projection_dim and self.projection != "none":
-                proj = self.projectors.setdefault(name, GaussianProjection(
-                    out.shape[1], self.projection_dim, self.seed * 1000 + self.layers.index(name), self.memory_budget_mb))
-                out = proj(out)
+                if name not in self.projectors:
+                    used = sum(p.nbytes for p in self.projectors.values() if p.storage == "device")
+                    (storage,) = storage_plan([4 * out.shape[1] * self.projection_dim],
+                                              self.memory_budget_mb - used / 2**20)
+                    self.projectors[name] = GaussianProjection(out.shape[1], self.projection_dim,
+                                                               layer_seed(self.seed, name), storage, self.scratch_dir)
+                out = self.projectors[name](out)
             return out
         proj = self.projectors.get(name)
         if isinstance(proj, KroneckerProjection):
@@ -180,7 +198,15 @@ class FeatureExtractor:
         weight_grads = torch.zeros(n_images, rows, cols, device=grads[0].device)
         for g, x, own in zip(grads, inputs, chunks):
             g2, x2 = g.float().reshape(g.shape[0], -1, rows), x.float().reshape(x.shape[0], -1, cols)
-            for b in own.unique().tolist():
+            present, counts = own.unique(return_counts=True)
+            if bool((counts == counts[0]).all()):
+                # every image owns as many rows of this call: one batched product over its sorted rows
+                order = torch.argsort(own, stable=True)
+                per = (len(present), -1)
+                weight_grads.index_add_(0, present, torch.bmm(g2[order].reshape(*per, rows).transpose(1, 2),
+                                                              x2[order].reshape(*per, cols)))
+                continue
+            for b in present.tolist():
                 rows_b = own == b
                 weight_grads[b] += g2[rows_b].reshape(-1, rows).T @ x2[rows_b].reshape(-1, cols)
         flat = weight_grads.reshape(n_images, -1)
@@ -228,9 +254,12 @@ def run_feature_extraction(checkpoint: str | os.PathLike, stimulus_table: str | 
     dataset = StimulusDataset(table, stimulus_root, model["image_size"])
     proj = features["projection"]
     extractor = FeatureExtractor(loss, features["layers"], features["pooling"], features["backprop_target"],
-                                 proj["method"], proj["dim"], seed=seed, memory_budget_mb=proj["memory_budget_mb"])
+                                 proj["method"], proj["dim"], seed=seed, memory_budget_mb=proj["memory_budget_mb"],
+                                 scratch_dir=proj.get("scratch_dir") or out_dir)
+    Path(extractor.scratch_dir).mkdir(parents=True, exist_ok=True)
     fwd, bwd, ids = extract_features(extractor, dataset, features["batch_size"], device,
                                      desc=f"features {Path(out_dir).name}")
+    extractor.close()
     if ids != table.image_id.tolist():
         raise RuntimeError("feature rows are out of order with the stimulus table")
     out_dir = Path(out_dir)

@@ -1,26 +1,42 @@
 """Random projections of per-image gradients, and PCA of features.
 
 Two seeded Johnson-Lindenstrauss projections map a layer's flattened weight gradient
-``G`` (``out x in``, ``D = out * in`` values) to ``k`` dimensions, the same map for every image:
+``G`` (``out x in``, ``D = out * in`` values) to ``k`` dimensions, the same map for every image.
+Each layer's map is seeded by the layer's NAME (:func:`layer_seed`), so a layer gets the same
+matrix whichever other layers are extracted with it.
 
-* ``GaussianProjection``: ``g @ P`` with ``P`` (D x k) i.i.d. N(0, 1/k). ``P`` is generated
-  in fixed blocks of ``BLOCK_ROWS`` rows, block ``j`` from its own seed ``(seed, j)``, so the
-  matrix is the same whatever the memory budget. Memory: the whole matrix takes
-  ``4 * D * k`` bytes (paper, DINOv3-S ``mlp.fc2``: 384 x 1536 x 800 x 4 B = 1.9 GB per
-  layer, 22.6 GB for 12 layers). When that exceeds ``memory_budget_mb`` the blocks are
-  regenerated for every batch (``4 * BLOCK_ROWS * k`` bytes at a time) instead of cached:
-  slower (one Gaussian draw of D x k numbers per batch and layer), never more memory.
+* ``GaussianProjection``: ``g @ P`` with ``P = Z[:, :k] / sqrt(k)`` (D x k), ``Z`` i.i.d. N(0, 1).
+  ``Z`` is generated on the CPU in tiles of ``BLOCK_ROWS`` rows x ``COL_CHUNK`` columns, tile
+  ``(j, c)`` from its own seed ``(seed, j, c)``: no seed involves ``k``, so ``Z`` is
+  **column-nested** (its first ``k`` columns are the same for every ``k``) and the ``k``-dim
+  projection equals the first ``k`` columns of the ``K``-dim one times ``sqrt(K / k)``
+  (:func:`nested_gaussian`); the robustness grid (Fig. S2) extracts once at its largest dimension.
+  The matrix is generated ONCE per job, never per batch, and stored either
+
+  - ``device``: whole on the compute device, ``4 * D * k`` bytes (paper, DINOv3-S ``mlp.fc2``:
+    384 x 1536 x 800 x 4 B = 1,887,436,800 B = 1.9 GB per layer, 22.6 GB (22,649,241,600 B) for
+    12 layers; fits an H100/H200), one matrix product per batch; or
+  - ``memmap``: written once into a scratch ``.npy`` (same ``4 * D * k`` bytes on disk), then
+    streamed ``BLOCK_ROWS`` rows at a time (``4 * 8192 * k`` B = 26 MB of memory at k = 800);
+    the file is deleted by :meth:`GaussianProjection.close`.
+
+  The stored numbers are identical whatever the storage and device.
 * ``KroneckerProjection``: ``A^T G B`` with ``A`` (out x a), ``B`` (in x b) Gaussian,
   giving ``k = a * b`` dimensions; equivalent to ``vec(G) @ (A kron B)`` without ever
   forming it. Memory ``4 * (out * a + in * b)`` bytes (paper: 384*16 + 1536*50 floats,
-  0.3 MB), and applied to per-token factors it never forms ``G`` at all.
+  0.3 MB), and applied to per-token factors it never forms ``G`` at all. It does not nest
+  as generated (``A``, ``B`` are drawn row-major at their own widths, and ``k`` changes both
+  factors); column-nested factors would nest only for dims whose factors are both no larger.
 
 PCA (scikit-learn, exact SVD) reduces features to the configured dimensions; the first
 ``m`` components of an ``n``-component fit are the ``m``-component fit, so one fit per
 (layer, signal) serves both the 300-dim single-signal and the 150+150 residual analyses.
 """
-
 from __future__ import annotations
+
+import os
+import tempfile
+import weakref
 
 import numpy as np
 import torch
@@ -30,14 +46,62 @@ from brainprop.utils import get_logger, stable_seed
 log = get_logger(__name__)
 
 BLOCK_ROWS = 8192
+COL_CHUNK = 32
+STORAGES = ("device", "memmap")
 
 
 def _generator(seed: int, *keys: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(stable_seed("projection", seed, *keys))
 
 
+def layer_seed(seed: int, name: str) -> int:
+    """Projection seed of the layer called ``name``, independent of the layer's position in any list."""
+    return stable_seed("projection-layer", seed, name)
+
+
+def gaussian_tile(seed: int, j: int, rows: int, k: int) -> torch.Tensor:
+    """Rows ``j * BLOCK_ROWS`` .. of the unscaled N(0, 1) matrix ``Z``: (rows, k) float32 on the CPU.
+
+    Columns ``c * COL_CHUNK`` .. are drawn from seed ``(seed, j, c)`` at full chunk width and cut
+    at ``k``, so column ``i`` of ``Z`` does not depend on ``k``.
+    """
+    tiles = [torch.randn(rows, COL_CHUNK, generator=_generator(seed, j, c)) for c in range(-(-k // COL_CHUNK))]
+    return torch.cat(tiles, dim=1)[:, :k]
+
+
+def gaussian_matrix(in_dim: int, out_dim: int, seed: int) -> torch.Tensor:
+    """The whole (in_dim, out_dim) projection ``Z / sqrt(out_dim)`` materialised on the CPU (reference)."""
+    blocks = [gaussian_tile(seed, j, min(BLOCK_ROWS, in_dim - start), out_dim)
+              for j, start in enumerate(range(0, in_dim, BLOCK_ROWS))]
+    return torch.cat(blocks) / np.sqrt(out_dim)
+
+
+def nested_gaussian(features: np.ndarray, k: int) -> np.ndarray:
+    """The ``k``-dim Gaussian projection from the ``K``-dim one, ``features`` (n, K) with K >= k:
+    its first ``k`` columns times ``sqrt(K / k)`` (equal to a direct ``k``-dim projection up to rounding)."""
+    big = features.shape[1]
+    if not 0 < k <= big:
+        raise ValueError(f"cannot derive a {k}-dim projection from a {big}-dim one")
+    return (np.asarray(features[:, :k], dtype=np.float64) * np.sqrt(big / k)).astype(np.float32)
+
+
+def storage_plan(nbytes: list[int], budget_mb: float) -> list[str]:
+    """``device`` for each matrix that still fits the budget (in order, cumulative), else ``memmap``."""
+    plan, used = [], 0
+    for n in nbytes:
+        fits = used + n <= budget_mb * 2**20
+        used += n if fits else 0
+        plan.append("device" if fits else "memmap")
+    return plan
+
+
+def _remove(path: str) -> None:
+    if os.path.exists(path):
+        os.remove(path)
+
+
 class GaussianProjection:
-    """Seeded Gaussian projection R^D -> R^k, generated in blocks of rows.
+    """Seeded, column-nested Gaussian projection R^D -> R^k, generated once at first use.
 
     Parameters
     ----------
@@ -46,45 +110,88 @@ class GaussianProjection:
     out_dim : int
         k, the projected dimension.
     seed : int
-        Seed; block ``j`` of ``BLOCK_ROWS`` rows is drawn from ``(seed, j)``.
-    memory_budget_mb : float
-        Cache the whole matrix when ``4 * D * k`` bytes fit in this budget, else regenerate blocks per call.
+        Seed of the tiles (see :func:`gaussian_tile`); use :func:`layer_seed` for a layer.
+    storage : ``device`` | ``memmap``
+        Keep the (D, k) matrix on the device of the first input (``4 * D * k`` bytes there), or write it
+        once to a scratch ``.npy`` in ``scratch_dir`` and stream ``BLOCK_ROWS`` rows per product.
+    scratch_dir : path or None
+        Folder of the memmap file (None: ``$TMPDIR``); the file is removed by :meth:`close`, at garbage
+        collection or at exit.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, seed: int, memory_budget_mb: float = 1024.0):
+    def __init__(self, in_dim: int, out_dim: int, seed: int, storage: str = "device",
+                 scratch_dir: str | os.PathLike | None = None):
+        if storage not in STORAGES:
+            raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
         self.in_dim, self.out_dim, self.seed = int(in_dim), int(out_dim), int(seed)
-        self.cache = 4 * self.in_dim * self.out_dim <= memory_budget_mb * 2**20
-        self._blocks: dict[tuple[int, str], torch.Tensor] = {}
+        self.storage, self.scratch_dir = storage, scratch_dir
+        self.path: str | None = None
+        self._z = None  # unscaled Z: a tensor (device) or a read-only np.memmap (memmap)
+        self._finalizer = None
 
     @property
     def dim(self) -> int:
         return self.out_dim
 
-    def block(self, j: int, device: torch.device) -> torch.Tensor:
-        """Rows ``j * BLOCK_ROWS`` .. of the projection matrix, float32 on ``device``."""
-        key = (j, str(device))
-        if key in self._blocks:
-            return self._blocks[key]
-        rows = min(BLOCK_ROWS, self.in_dim - j * BLOCK_ROWS)
-        p = torch.randn(rows, self.out_dim, generator=_generator(self.seed, j)) / np.sqrt(self.out_dim)
-        p = p.to(device)
-        if self.cache:
-            self._blocks[key] = p
-        return p
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored matrix (float32)."""
+        return 4 * self.in_dim * self.out_dim
+
+    def _tiles(self):
+        for j, start in enumerate(range(0, self.in_dim, BLOCK_ROWS)):
+            stop = min(start + BLOCK_ROWS, self.in_dim)
+            yield start, stop, gaussian_tile(self.seed, j, stop - start, self.out_dim)
+
+    def _generate(self, device: torch.device) -> None:
+        if self.storage == "device":
+            self._z = torch.empty(self.in_dim, self.out_dim, dtype=torch.float32, device=device)
+            for start, stop, tile in self._tiles():
+                self._z[start:stop] = tile
+        else:
+            fd, self.path = tempfile.mkstemp(prefix=f"projection-{self.in_dim}x{self.out_dim}-", suffix=".npy",
+                                             dir=self.scratch_dir)
+            os.close(fd)
+            self._finalizer = weakref.finalize(self, _remove, self.path)
+            z = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32, shape=(self.in_dim, self.out_dim))
+            for start, stop, tile in self._tiles():
+                z[start:stop] = tile.numpy()
+            z.flush()
+            del z
+            self._z = np.load(self.path, mmap_mode="r")
+        log.info("Gaussian projection %d x %d (%.1f MB) generated, stored: %s%s", self.in_dim, self.out_dim,
+                 self.nbytes / 1e6, self.storage, f" ({self.path})" if self.path else f" ({device})")
 
     def matrix(self) -> torch.Tensor:
-        """The whole D x k matrix (for tests and small D only)."""
-        n_blocks = -(-self.in_dim // BLOCK_ROWS)
-        return torch.cat([self.block(j, torch.device("cpu")) for j in range(n_blocks)])
+        """The stored D x k matrix ``Z / sqrt(k)`` as a CPU tensor (generated on the CPU if not yet)."""
+        if self._z is None:
+            self._generate(torch.device("cpu"))
+        z = self._z.cpu() if self.storage == "device" else torch.from_numpy(np.array(self._z))
+        return z / np.sqrt(self.out_dim)
 
     def __call__(self, flat: torch.Tensor) -> torch.Tensor:
-        """Project ``flat`` (B, D) to (B, k), accumulating block by block in float32."""
+        """Project ``flat`` (B, D) to (B, k) in float32."""
         if flat.shape[-1] != self.in_dim:
             raise ValueError(f"projection expects {self.in_dim} input dims, got {flat.shape[-1]}")
-        out = torch.zeros(flat.shape[0], self.out_dim, dtype=torch.float32, device=flat.device)
-        for j, start in enumerate(range(0, self.in_dim, BLOCK_ROWS)):
-            out += flat[:, start:start + BLOCK_ROWS].float() @ self.block(j, flat.device)
-        return out
+        if self._z is None:
+            self._generate(flat.device)
+        x = flat.float()
+        if self.storage == "device":
+            if self._z.device != x.device:
+                self._z = self._z.to(x.device)
+            out = x @ self._z
+        else:
+            out = torch.zeros(x.shape[0], self.out_dim, dtype=torch.float32, device=x.device)
+            for start in range(0, self.in_dim, BLOCK_ROWS):
+                block = torch.from_numpy(np.array(self._z[start:start + BLOCK_ROWS])).to(x.device)
+                out += x[:, start:start + BLOCK_ROWS] @ block
+        return out / np.sqrt(self.out_dim)
+
+    def close(self) -> None:
+        """Free the stored matrix and delete its scratch file, if any."""
+        self._z = None
+        if self._finalizer is not None:
+            self._finalizer()
 
 
 def kronecker_factors(k: int, rows: int, cols: int) -> tuple[int, int]:

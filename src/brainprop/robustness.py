@@ -1,9 +1,13 @@
 """Fig. S2: robustness of the encoding scores to the projection and PCA dimensions.
 
-For one model checkpoint and one layer, the per-image gradients are projected to each of
-``robustness.projection_dims`` (one feature extraction per dimension, same seed), and both signals
-are reduced by PCA to each of ``robustness.pca_dims`` (components are nested: one PCA per signal
-and projection, truncated). Every (signal, projection, PCA) cell is encoded like the main analysis
+For one model checkpoint and one layer, the per-image gradients are projected ONCE, by the
+Gaussian projection at the largest ``K`` of ``robustness.projection_dims`` (one backward pass per
+image); each smaller dimension ``k`` is derived as the first ``k`` columns times ``sqrt(K / k)``
+(the Gaussian matrix is column-nested, :func:`brainprop.projection.nested_gaussian`), which is the
+``k``-dim projection of the same layer seed up to float32 rounding. The grid always uses the
+Gaussian projection (the Kronecker one does not nest). Both signals are then reduced by PCA to
+each of ``robustness.pca_dims`` (components are nested: one PCA per signal and projection,
+truncated). Every (signal, projection, PCA) cell is encoded like the main analysis
 (:func:`brainprop.encoding.cross_validated_ridge`, same alphas and splits, no permutations) and
 summarised like Fig. 3:
 
@@ -28,7 +32,7 @@ from tqdm.auto import tqdm
 
 from brainprop.brain.align import reorder_rows
 from brainprop.encoding import cross_validated_ridge
-from brainprop.projection import fit_pca
+from brainprop.projection import fit_pca, nested_gaussian
 from brainprop.utils import get_logger, save_parquet_atomic
 
 log = get_logger(__name__)
@@ -54,30 +58,30 @@ def _load(folder: Path, layer: str, signal: str) -> tuple[np.ndarray, np.ndarray
     return x, ids
 
 
-def grid_features(raw_dirs: Mapping[int, str | os.PathLike], layer: str, pca_dims: Sequence[int],
+def grid_features(raw_dir: str | os.PathLike, layer: str, projection_dims: Sequence[int], pca_dims: Sequence[int],
                   seed: int) -> tuple[dict[tuple[str, int, int], np.ndarray], np.ndarray]:
     """PCA features of every grid cell for one stimulus set.
 
     Parameters
     ----------
-    raw_dirs : mapping projection dim -> folder with ``{layer}.{forward,backprop}.npy`` and ``index.parquet``
-    layer, pca_dims, seed
+    raw_dir : folder with ``{layer}.forward.npy`` (n_images, width), ``{layer}.backprop.npy``
+        (n_images, max(projection_dims)), a Gaussian projection, and ``index.parquet``
+    layer, projection_dims, pca_dims, seed
 
     Returns
     -------
     features : dict (signal, projection_dim, pca_dim) -> (n_images, pca_dim); forward has projection_dim 0
     image_ids : ndarray, the rows' image ids
     """
-    dims = sorted(raw_dirs)
-    fwd, ids = _load(Path(raw_dirs[dims[0]]), layer, "forward")
+    dims = sorted(set(projection_dims))
+    fwd, ids = _load(Path(raw_dir), layer, "forward")
+    bwd, _ = _load(Path(raw_dir), layer, "backprop")
+    if bwd.shape[1] != dims[-1]:
+        raise ValueError(f"{raw_dir}/{layer}.backprop.npy has {bwd.shape[1]} columns, expected the largest "
+                         f"projection dim {dims[-1]}")
     out = {("forward", 0, k): v for k, v in nested_pca(fwd, pca_dims, seed).items()}
     for d in dims:
-        bwd, ids_d = _load(Path(raw_dirs[d]), layer, "backprop")
-        if not np.array_equal(ids_d, ids):
-            raise ValueError(f"{raw_dirs[d]}/index.parquet: image ids differ from {raw_dirs[dims[0]]}")
-        if bwd.shape[1] != d:
-            raise ValueError(f"{raw_dirs[d]}/{layer}.backprop.npy has {bwd.shape[1]} columns, expected projection dim {d}")
-        out.update({("backprop", d, k): v for k, v in nested_pca(bwd, pca_dims, seed).items()})
+        out.update({("backprop", d, k): v for k, v in nested_pca(nested_gaussian(bwd, d), pca_dims, seed).items()})
     return out, ids
 
 
@@ -127,13 +131,15 @@ def summarise_meg(per_subject: Sequence[tuple[np.ndarray, Mapping]], n_times: in
     return pd.concat([_cells(per_subject[0][1]), pd.DataFrame(rows)], axis=1).assign(modality="meg")
 
 
-def run_robustness(nsd_dirs: Mapping[int, str], things_dirs: Mapping[int, str], layer: str,
-                   nsd_subjects: Sequence[Mapping[str, str]], meg_subjects: Sequence[Mapping[str, str]],
+def run_robustness(nsd_dir: str | os.PathLike, things_dir: str | os.PathLike, layer: str,
+                   projection_dims: Sequence[int], nsd_subjects: Sequence[Mapping[str, str]],
+                   meg_subjects: Sequence[Mapping[str, str]],
                    fmri_group: str | os.PathLike, pca_dims: Sequence[int], encoding: dict, seed: int,
                    min_significant: int, out: str | os.PathLike) -> pd.DataFrame:
     """Rule entry point: write the grid table (modality, signal, projection_dim, pca_dim, score,
     n_targets, ``peak_time`` for MEG) to ``out`` (Parquet).
 
+    ``nsd_dir``, ``things_dir``: the grid's feature extraction at ``max(projection_dims)`` per stimulus set;
     ``nsd_subjects``: dicts with ``betas``, ``images``, ``mask`` (prepare_nsd outputs);
     ``meg_subjects``: dicts with ``data``, ``images``, ``times`` (prepare_meg outputs);
     ``fmri_group``: the main analysis' fMRI group table of the same model and checkpoint.
@@ -144,7 +150,7 @@ def run_robustness(nsd_dirs: Mapping[int, str], things_dirs: Mapping[int, str], 
     group = pd.read_parquet(fmri_group, filters=[("layer", "==", layer)])
     masks = {s: significant_map(group, s, layer, min_significant).vertex.to_numpy() for s in ("forward", "backprop")}
     frames = []
-    feats, ids = grid_features(nsd_dirs, layer, pca_dims, seed)
+    feats, ids = grid_features(nsd_dir, layer, projection_dims, pca_dims, seed)
     fmri = []
     for subj in nsd_subjects:
         image_ids = pd.read_parquet(subj["images"]).image_id.to_numpy()
@@ -152,7 +158,7 @@ def run_robustness(nsd_dirs: Mapping[int, str], things_dirs: Mapping[int, str], 
         fmri.append((np.flatnonzero(np.load(subj["mask"])),
                      score_grid(feats, ids, Y, image_ids, encoding, seed, what=str(subj["betas"]))))
     frames.append(summarise_fmri(fmri, masks))
-    feats, ids = grid_features(things_dirs, layer, pca_dims, seed)
+    feats, ids = grid_features(things_dir, layer, projection_dims, pca_dims, seed)
     meg, times = [], None
     for subj in meg_subjects:
         table, _ = read_meg_table(subj["images"])
