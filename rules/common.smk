@@ -169,3 +169,8 @@ def encoding_targets():
     """Group statistics of every (modality, model, checkpoint)."""
     return [f"{RESULTS}/encoding/{modality}/{m}/{c}/group.parquet"
             for modality in ("fmri", "meg") for m in config["models"] for c in checkpoints_of(m)]
+
+
+def bank_tables(wildcards):
+    """Stimulus tables of the training datasets (the image-wise loss's Sinkhorn bank), in the order of training_roots."""
+    return [f"{RESULTS}/stimuli/{d}.parquet" for d in config["training"]["datasets"]]

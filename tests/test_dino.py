@@ -310,14 +310,18 @@ def test_short_training_decreases_loss(tmp_path):
 # ----------------------------------------------------------------------------- image-wise loss
 
 
-def _imagewise(trained, loss_cfg=None, double=False, seed=11):
+BANK = TextureDataset(12, size=40, seed=7)  # stands in for the training images of the Sinkhorn bank
+
+
+def _imagewise(trained, loss_cfg=None, double=False, seed=11, crops=None):
     ckpt = load_checkpoint(trained["paths"][1], "cpu")
+    ckpt.config["crops"].update(crops or {})
     if double:
         ckpt.student.double()
         ckpt.teacher.double()
         ckpt.dino_center = ckpt.dino_center.double()
         ckpt.ibot_center = ckpt.ibot_center.double()
-    return ImageWiseDinoLoss(ckpt, loss_cfg or {}, seed=seed)
+    return ImageWiseDinoLoss(ckpt, {"n_views": 1, **(loss_cfg or {})}, seed=seed, bank_dataset=BANK)
 
 
 def _batch(n=3):
@@ -409,7 +413,7 @@ def test_save_load_roundtrip_keeps_loss(trained):
     loss = _imagewise(trained)
     path = trained["dir"] / "copy.pt"
     save_checkpoint(path, loss.checkpoint)
-    reloaded = ImageWiseDinoLoss(load_checkpoint(path, "cpu"), {}, seed=11)
+    reloaded = ImageWiseDinoLoss(load_checkpoint(path, "cpu"), {"n_views": 1}, seed=11, bank_dataset=BANK)
     images, ids = _batch(2)
     with torch.no_grad():
         assert torch.equal(loss(images, ids)[0], reloaded(images, ids)[0])

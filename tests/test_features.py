@@ -136,8 +136,8 @@ def test_extract_features_runs_in_batches_and_matches_one_batch(batch):
     dataset = [(images[i], ids[i]) for i in range(3)]
     loss = ToyImageWiseLoss()
     ex = FeatureExtractor(loss, LAYERS, projection="gaussian", projection_dim=10, seed=3)
-    fwd1, bwd1, ids1 = extract_features(ex, dataset, batch_size=2)
-    fwd3, bwd3, _ = extract_features(ex, dataset, batch_size=3)
+    fwd1, bwd1, ids1, _ = extract_features(ex, dataset, batch_size=2)
+    fwd3, bwd3, _, _ = extract_features(ex, dataset, batch_size=3)
     assert ids1 == ids
     for n in LAYERS:
         assert fwd1[n].shape == (3, 24) and bwd1[n].shape == (3, 10) and bwd1[n].dtype == np.float32
@@ -191,7 +191,8 @@ def test_dino_image_wise_weight_gradients_batch_equals_single(dino_checkpoint):
     from brainprop.models import build_image_wise_loss
 
     path, data = dino_checkpoint
-    loss = build_image_wise_loss({"kind": "dino_checkpoint", "loss": {}}, path, seed=5)
+    loss = build_image_wise_loss({"kind": "dino_checkpoint", "loss": {"n_views": 2}}, path, seed=5,
+                                 bank_dataset=data[3:])
     layers = ["blocks.0.mlp.fc2", "blocks.2.mlp.fc2"]
     ex = FeatureExtractor(loss, layers, projection="none")
     images = torch.stack([im for im, _ in data[:3]])
