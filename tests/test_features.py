@@ -219,13 +219,60 @@ def test_run_feature_extraction_and_pca_write_aligned_files(dino_checkpoint, tmp
     layers = ["blocks.0.mlp.fc2", "blocks.2.mlp.fc2"]
     features = {"layers": layers, "pooling": "mean", "backprop_target": "weight", "batch_size": 3,
                 "projection": {"method": "kronecker", "dim": 12, "memory_budget_mb": 1}}
-    model = {"kind": "dino_checkpoint", "image_size": 32, "loss": {}}
-    run_feature_extraction(path, tmp_path / "things.parquet", root, tmp_path / "raw", model, features, seed=0)
+    model = {"kind": "dino_checkpoint", "image_size": 32, "forward_network": "teacher", "loss": {"n_views": 2}}
+    features["pooled_tokens"] = "all"
+    run_feature_extraction(path, tmp_path / "things.parquet", root, tmp_path / "raw", model, features, seed=0,
+                           bank_tables=[tmp_path / "things.parquet"], bank_roots=[root])
     index = pd.read_parquet(tmp_path / "raw/index.parquet")
     assert index.image_id.tolist() == table.image_id.tolist()
+    losses = pd.read_parquet(tmp_path / "raw/losses.parquet")
+    assert losses.columns.tolist() == ["image_id", "loss", "target_entropy", "log_k"]
+    assert losses.image_id.tolist() == table.image_id.tolist()
+    np.testing.assert_allclose(losses.log_k, np.log(16))
+    assert (losses.target_entropy > 0).all() and (losses.target_entropy <= np.log(16) + 1e-6).all()
+    # the stored loss is the image-wise loss of each image, recomputed alone
+    from brainprop.features import training_images
+    from brainprop.models import build_image_wise_loss
+
+    bank = training_images([tmp_path / "things.parquet"], [root], 32)
+    loss = build_image_wise_loss(model, path, seed=0, bank_dataset=bank)
+    image, image_id = bank[4]
+    with torch.no_grad():
+        alone = loss(image[None], [image_id])[0]
+    np.testing.assert_allclose(losses.loss[4], float(alone[0]), rtol=1e-5)
+    np.testing.assert_allclose(losses.target_entropy[4], float(loss.last_target_entropy[0]), rtol=1e-5)
     fwd = np.load(tmp_path / "raw/blocks.2.mlp.fc2.forward.npy")
     bwd = np.load(tmp_path / "raw/blocks.2.mlp.fc2.backprop.npy")
     assert fwd.shape == (7, 32) and bwd.shape == (7, 12) and np.isfinite(bwd).all() and bwd.std() > 0
     run_pca(tmp_path / "raw", tmp_path / "pca", layers, n_components=4, seed=0)
     assert np.load(tmp_path / "pca/blocks.0.mlp.fc2.backprop.npy").shape == (7, 4)
     assert pd.read_parquet(tmp_path / "pca/pca_summary.parquet").shape[0] == 4
+
+
+def test_forward_network_and_pooled_tokens(dino_checkpoint):
+    """Forward features come from the configured network; ``patches`` drops the CLS and register tokens."""
+    from brainprop.models import build_image_wise_loss
+
+    path, data = dino_checkpoint
+    images = torch.stack([im for im, _ in data[:2]])
+    feats = {}
+    for net in ("teacher", "student"):
+        loss = build_image_wise_loss({"kind": "dino_checkpoint", "forward_network": net, "loss": {"n_views": 1}},
+                                     path, seed=5, bank_dataset=data)
+        network = loss.teacher.backbone if net == "teacher" else loss.student.backbone
+        assert loss.forward_network is network
+        outs = {}
+        hook = dict(network.named_modules())["blocks.1.mlp.fc2"].register_forward_hook(
+            lambda m, a, o: outs.__setitem__("x", o))
+        with torch.no_grad():
+            network.forward_features(loss.plain_view(images))
+        hook.remove()
+        n_prefix = network.num_prefix_tokens
+        assert n_prefix == 5  # CLS + 4 registers
+        for tokens, ref in (("all", outs["x"].mean(1)), ("patches", outs["x"][:, n_prefix:].mean(1))):
+            feats[net, tokens] = FeatureExtractor(loss, ["blocks.1.mlp.fc2"], tokens=tokens).forward(images)
+            torch.testing.assert_close(feats[net, tokens]["blocks.1.mlp.fc2"], ref)
+    # two training steps with EMA: teacher and student differ
+    assert not torch.allclose(feats["teacher", "all"]["blocks.1.mlp.fc2"], feats["student", "all"]["blocks.1.mlp.fc2"])
+    with pytest.raises(ValueError, match="patches"):
+        FeatureExtractor(loss, ["blocks.1.mlp.fc2"], pooling="cls", tokens="patches")
