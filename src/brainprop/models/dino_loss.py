@@ -132,8 +132,9 @@ class SinkhornBank:
         n = (torch.bincount(group, minlength=n_groups) + nb).to(logits.dtype)  # (G,) columns of each Sinkhorn
         v_x = torch.ones(logits.shape[0], dtype=logits.dtype, device=logits.device)  # image columns
         u = torch.ones(n_groups, k, dtype=logits.dtype, device=logits.device)
+        zeros = torch.zeros(n_groups, k, dtype=logits.dtype, device=logits.device)
         for _ in range(n_iterations):
-            row = torch.zeros(n_groups, k, dtype=logits.dtype, device=logits.device).index_add_(0, group, e * v_x[:, None])
+            row = zeros.index_add(0, group, e * v_x[:, None])  # (G, K) the group's own columns
             u = 1.0 / (k * (row + w @ bank))  # (G, K): each prototype gets mass 1/K
             v_x = 1.0 / (n[group] * (u[group] * e).sum(dim=1))  # each sample gets mass 1/N
             w = 1.0 / (n[:, None] * (u @ bank.T))
