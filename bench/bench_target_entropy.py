@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--out", default="results/bench/target_entropy")
     ap.add_argument("--set", action="append", default=[], help="training override, e.g. optim.lr=0.002")
     ap.add_argument("--n-images", type=int, default=252, help="THINGS images evaluated")
+    ap.add_argument("--bank-size", type=int, default=31, help="Sinkhorn bank images (demo: batch_size - 1)")
+    ap.add_argument("--reuse", action="store_true", help="evaluate the checkpoints already in --out")
     args = ap.parse_args()
     torch.set_num_threads(1)
     config = yaml.safe_load(Path(args.config).read_text())
@@ -54,7 +56,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"checkpoint_it{it}.pt" for it in training["checkpoints"]]
     start = time.perf_counter()
-    run_training(tables, roots, model["image_size"], training, paths, seed=config["seed"], threads=1)
+    if not (args.reuse and all(p.is_file() for p in paths)):
+        run_training(tables, roots, model["image_size"], training, paths, seed=config["seed"], threads=1)
     train_s = time.perf_counter() - start
     bank = training_images(tables, roots, model["image_size"])
     things = training_images([f"{args.results}/stimuli/things.parquet"], [f"{args.results}/demo/stimuli/things"],
@@ -65,7 +68,8 @@ def main() -> None:
     for it, path in zip(training["checkpoints"], paths):
         row = {"iteration": it}
         for centering in ("sinkhorn", "softmax"):
-            loss = ImageWiseDinoLoss(load_checkpoint(path, "cpu"), {"centering": centering, "n_views": 1},
+            loss = ImageWiseDinoLoss(load_checkpoint(path, "cpu"), {"centering": centering, "n_views": 1,
+                                                                     "bank_size": args.bank_size},
                                      seed=config["seed"], bank_dataset=bank)
             with torch.no_grad():
                 for s in range(0, len(ids), 64):
@@ -75,7 +79,7 @@ def main() -> None:
         rows.append(row)
     table = pd.DataFrame(rows).rename(columns={"sinkhorn": "entropy_ratio_bank_sinkhorn",
                                                "softmax": "entropy_ratio_softmax_center"})
-    print(json.dumps({"overrides": args.set, "train_seconds": round(train_s, 1)}))
+    print(json.dumps({"overrides": args.set, "train_seconds": round(train_s, 1), "bank_size": args.bank_size}))
     print(table.to_string(index=False))
 
 
