@@ -118,6 +118,8 @@ class SinkhornBank:
         -------
         (M, K) probabilities, each row summing to 1; row m depends only on its group's rows and the bank.
         """
+        if n_iterations < 1:
+            raise ValueError(f"n_iterations: expected an int >= 1, got {n_iterations!r}")
         t = self.teacher_temp
         bank = self.exp.to(logits.dtype)
         nb, k = bank.shape
@@ -131,7 +133,6 @@ class SinkhornBank:
         w = torch.exp((self.max.to(logits.dtype) - shift) / t)[:, None].expand(n_groups, nb)  # (G, Nb)
         n = (torch.bincount(group, minlength=n_groups) + nb).to(logits.dtype)  # (G,) columns of each Sinkhorn
         v_x = torch.ones(logits.shape[0], dtype=logits.dtype, device=logits.device)  # image columns
-        u = torch.ones(n_groups, k, dtype=logits.dtype, device=logits.device)
         zeros = torch.zeros(n_groups, k, dtype=logits.dtype, device=logits.device)
         for _ in range(n_iterations):
             row = zeros.index_add(0, group, e * v_x[:, None])  # (G, K) the group's own columns
