@@ -83,10 +83,12 @@ rule extract_robustness:
     input:
         checkpoint=checkpoint_file,
         table=f"{RESULTS}/stimuli/{{dataset}}.parquet",
+        bank_tables=training_tables,
     output:
         forward=f"{RESULTS}/robustness/{{model}}/{{checkpoint}}/{{dataset}}/{ROBUST_LAYER}.forward.npy",
         backprop=f"{RESULTS}/robustness/{{model}}/{{checkpoint}}/{{dataset}}/{ROBUST_LAYER}.backprop.npy",
         index=f"{RESULTS}/robustness/{{model}}/{{checkpoint}}/{{dataset}}/index.parquet",
+        losses=f"{RESULTS}/robustness/{{model}}/{{checkpoint}}/{{dataset}}/losses.parquet",
     wildcard_constraints:
         model=r"[^/]+",
         checkpoint=r"[^/]+",
@@ -95,6 +97,7 @@ rule extract_robustness:
         f"{RESULTS}/logs/robustness/{{model}}_{{checkpoint}}_{{dataset}}.log",
     params:
         root=stimulus_root_param,
+        bank_roots=training_roots,
         model=model_config,
         features=robustness_features,
         seed=config["seed"],

@@ -22,7 +22,9 @@ from brainprop.models import (
     make_views,
     resolve_imagewise_config,
     resolve_training_config,
+    SinkhornBank,
     sinkhorn_knopp,
+    target_entropy,
     train_dino,
     training_config_hash,
 )
@@ -148,6 +150,32 @@ def test_sinkhorn_matches_reference_and_equalises_prototypes():
     assert np.abs(plain.sum(0) - 0.6).max() > 0.05  # ... which the plain softmax does not have
     # float32 logits at the sharpest temperature stay finite
     assert torch.isfinite(sinkhorn_knopp(torch.rand(300, 4096) * 2 - 1, 0.04, 3)).all()
+
+
+def test_sinkhorn_bank_equals_sinkhorn_of_the_concatenation():
+    """Scaling-vector Sinkhorn of each group with the bank == sinkhorn_knopp of [group rows; bank], bank dropped."""
+    g = torch.Generator().manual_seed(0)
+    bank = torch.rand(30, 16, generator=g, dtype=torch.float64) * 2 - 1
+    x = torch.rand(8, 16, generator=g, dtype=torch.float64) * 2 - 1
+    group = torch.tensor([0, 0, 2, 2, 2, 2, 2, 3])  # group 1 has no rows, groups differ in size
+    for temp, n_iter in ((0.07, 1), (0.07, 3), (0.04, 3)):
+        ours = SinkhornBank(bank, temp).targets(x, group, 4, n_iter)
+        for k in (0, 2, 3):
+            rows = group == k
+            ref = sinkhorn_knopp(torch.cat([x[rows], bank]), temp, n_iter)[:int(rows.sum())]
+            torch.testing.assert_close(ours[rows], ref, rtol=1e-12, atol=1e-15)
+    # a global shift cancels, also in float32 at the sharpest temperature (logits / T spanning 50)
+    shifted_bank, shifted_x = (bank + 300).float(), (x + 300).float()
+    shifted = SinkhornBank(shifted_bank, 0.04).targets(shifted_x, group, 4, 3)
+    assert torch.isfinite(shifted).all()
+    for k in (0, 2, 3):
+        rows = group == k
+        ref = sinkhorn_knopp(torch.cat([shifted_x[rows], shifted_bank]), 0.04, 3)[:int(rows.sum())]
+        torch.testing.assert_close(shifted[rows], ref)  # float32 default tolerances
+    torch.testing.assert_close(shifted.sum(1), torch.ones(8))
+    # an image whose logits exceed every bank logit by 2 (the cosine range) at T = 0.04 stays finite
+    far = SinkhornBank(bank.float() - 1, 0.04).targets(x.float().clamp(min=0.9) + 0.1, group, 4, 3)
+    assert torch.isfinite(far).all() and torch.allclose(far.sum(1), torch.ones(8))
 
 
 def test_dino_loss_matches_handwritten_reference():
@@ -310,14 +338,18 @@ def test_short_training_decreases_loss(tmp_path):
 # ----------------------------------------------------------------------------- image-wise loss
 
 
-def _imagewise(trained, loss_cfg=None, double=False, seed=11):
+BANK = TextureDataset(12, size=40, seed=7)  # stands in for the training images of the Sinkhorn bank
+
+
+def _imagewise(trained, loss_cfg=None, double=False, seed=11, crops=None):
     ckpt = load_checkpoint(trained["paths"][1], "cpu")
+    ckpt.config["crops"].update(crops or {})
     if double:
         ckpt.student.double()
         ckpt.teacher.double()
         ckpt.dino_center = ckpt.dino_center.double()
         ckpt.ibot_center = ckpt.ibot_center.double()
-    return ImageWiseDinoLoss(ckpt, loss_cfg or {}, seed=seed)
+    return ImageWiseDinoLoss(ckpt, {"n_views": 1, **(loss_cfg or {})}, seed=seed, bank_dataset=BANK)
 
 
 def _batch(n=3):
@@ -325,9 +357,9 @@ def _batch(n=3):
     return torch.stack([ds[i][0] for i in range(n)]), [ds[i][1] for i in range(n)]
 
 
-@pytest.mark.parametrize("centering", ["sinkhorn", "softmax"])
-def test_imagewise_loss_is_batch_independent(trained, centering):
-    loss = _imagewise(trained, {"centering": centering})
+@pytest.mark.parametrize("centering,n_views", [("sinkhorn", 1), ("softmax", 1), ("sinkhorn", 2)])
+def test_imagewise_loss_is_batch_independent(trained, centering, n_views):
+    loss = _imagewise(trained, {"centering": centering, "n_views": n_views})
     images, ids = _batch(3)
     with torch.no_grad():
         batch, owner = loss(images, ids)
@@ -338,7 +370,8 @@ def test_imagewise_loss_is_batch_independent(trained, centering):
     assert torch.equal(batch, again)  # same views every call
     torch.testing.assert_close(batch, alone, rtol=1e-6, atol=0)
     torch.testing.assert_close(permuted, batch[order], rtol=1e-6, atol=0)
-    assert owner.tolist() == [0, 0, 1, 1, 2, 2] + [0, 0, 1, 1, 2, 2]  # globals then locals, image-major
+    per_image = [b for b in range(3) for _ in range(2 * n_views)]
+    assert owner.tolist() == per_image + per_image  # globals then locals (2 each), image-major
     # the loss depends on the image id (seeded views), not only on its pixels
     other, _ = loss(images[:1], ["another-id"])
     assert not torch.equal(other[0], batch[0])
@@ -409,7 +442,7 @@ def test_save_load_roundtrip_keeps_loss(trained):
     loss = _imagewise(trained)
     path = trained["dir"] / "copy.pt"
     save_checkpoint(path, loss.checkpoint)
-    reloaded = ImageWiseDinoLoss(load_checkpoint(path, "cpu"), {}, seed=11)
+    reloaded = ImageWiseDinoLoss(load_checkpoint(path, "cpu"), {"n_views": 1}, seed=11, bank_dataset=BANK)
     images, ids = _batch(2)
     with torch.no_grad():
         assert torch.equal(loss(images, ids)[0], reloaded(images, ids)[0])
@@ -574,3 +607,104 @@ def test_segment_job_refuses_a_checkpoint_of_another_config(tmp_path):
     with pytest.raises(ValueError, match=r"it0.pt: trained with another training config"):
         run_training_segment([], [], other, tmp_path / "it0.pt", 2, tmp_path / "it2.pt", tmp_path / "log.parquet")
     assert not (tmp_path / "it2.pt").exists()
+
+
+@pytest.fixture(scope="module")
+def image_dependent(tmp_path_factory):
+    """Initialisation (iteration 0) of TINY without layer-scale damping: outputs differ between images."""
+    path = tmp_path_factory.mktemp("dino_init") / "it0.pt"
+    cfg = {**TINY, "arch": {**TINY["arch"], "kwargs": {**TINY["arch"]["kwargs"], "init_values": 1.0}}}
+    train_dino(TextureDataset(8), cfg, [0], [path], seed=3, device="cpu", log_every=0)
+    return {"paths": [path, path]}
+
+
+def test_identical_views_give_a_target_well_below_log_k(image_dependent):
+    """Both global crops = the whole image: Sinkhorn over the image's own 2 rows would be exactly uniform."""
+    loss = _imagewise(image_dependent, {"photometric": False}, crops={"global_scale": [1.0, 1.0], "flip_p": 0.0})
+    images, ids = _batch(3)
+    for i in range(3):
+        crops = loss.views(images[i], ids[i]).global_crops
+        assert torch.equal(crops[0], crops[1])
+    with torch.no_grad():
+        loss(images, ids)
+        t_cls, _ = teacher_forward_cls(loss, images, ids)
+    own_rows = torch.stack([target_entropy(sinkhorn_knopp(t, loss.teacher_temp, 3)) for t in t_cls])
+    torch.testing.assert_close(own_rows, torch.full_like(own_rows, loss.log_k))  # the replaced behaviour
+    assert loss.last_target_entropy.shape == (3,)
+    assert bool((loss.last_target_entropy < 0.9 * loss.log_k).all()), loss.last_target_entropy / loss.log_k
+
+
+def teacher_forward_cls(loss, images, ids):
+    from brainprop.models.dino import MultiCropViews
+    from brainprop.models.dino_loss import teacher_forward
+
+    views = MultiCropViews.stack([loss.views(images[i], ids[i]) for i in range(len(ids))])
+    return teacher_forward(loss.teacher, views)
+
+
+def test_n_views_gradient_is_the_mean_of_single_draw_gradients(trained):
+    full = _imagewise(trained, {"n_views": 3}, double=True)
+    params = list(full.network.parameters()) + list(full.student.dino_head.parameters())
+    images, ids = _batch(2)
+    losses, owner = full(images, ids)
+    assert owner.tolist()[:12] == [0] * 6 + [1] * 6
+    grad = torch.autograd.grad(losses[1], params, allow_unused=True)
+    singles, seed_of = [], full.view_seed
+    full.cfg["n_views"] = 1  # the same loss object (same parameters), one draw at a time
+    for r in range(3):
+        full.view_seed = lambda image_id, draw, r=r: seed_of(image_id, r)  # draw r alone
+        singles.append(torch.autograd.grad(full(images[1:], ids[1:])[0][0], params, allow_unused=True))
+    zero = lambda g, p: torch.zeros_like(p) if g is None else g  # noqa: E731  (an unused parameter)
+    for j, (g, p) in enumerate(zip(grad, params)):
+        mean = sum(zero(s[j], p) for s in singles) / 3
+        torch.testing.assert_close(zero(g, p), mean, rtol=1e-10, atol=1e-14)
+    # the draws differ (else averaging would do nothing)
+    assert not torch.equal(singles[0][0], singles[1][0])
+
+
+def test_photometric_switch_and_bank_options(trained):
+    grey = {"jitter_p": 0.0, "grayscale_p": 1.0}
+    images, ids = _batch(1)
+    on = _imagewise(trained, {"photometric": True}, crops=grey).views(images[0], ids[0]).global_crops
+    off = _imagewise(trained, {"photometric": False}, crops=grey).views(images[0], ids[0]).global_crops
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    rgb_on, rgb_off = on * std + mean, off * std + mean
+    torch.testing.assert_close(rgb_on[:, 0], rgb_on[:, 1].expand_as(rgb_on[:, 0]), rtol=0, atol=1e-6)  # grey
+    assert (rgb_off[:, 0] - rgb_off[:, 1]).abs().max() > 0.1  # colour kept
+    loss = _imagewise(trained, {"bank_size": 5})
+    assert len(loss.bank_ids) == 5 and set(loss.bank_ids) <= {i for _, i in BANK}
+    assert loss.dino_bank.n_rows == 10 and loss.ibot_bank.n_rows > 0
+    assert loss.bank_ids == _imagewise(trained, {"bank_size": 5}).bank_ids  # seeded
+    assert loss.bank_ids != _imagewise(trained, {"bank_size": 5}, seed=12).bank_ids
+    with pytest.raises(ValueError, match="bank_dataset"):
+        ImageWiseDinoLoss(load_checkpoint(trained["paths"][1], "cpu"), {}, seed=0)
+    with pytest.raises(ValueError, match="n_views"):
+        _imagewise(trained, {"n_views": 0})
+    assert _imagewise(trained, {"centering": "softmax"}).dino_bank is None
+
+
+def test_a_trained_teacher_gives_informative_targets(tmp_path):
+    """After a short demo-style training the bank-Sinkhorn targets of the training images sit clearly below ln K.
+
+    Teacher EMA momentum 0.95 -> 0.99 (the demo's recommended setting): with 0.99 -> 1 the teacher
+    hardly moves in a few hundred iterations and its targets stay near uniform.
+    """
+    cfg = {**TINY, "iterations": 40, "batch_size": 16,
+           "arch": {**TINY["arch"], "kwargs": {**TINY["arch"]["kwargs"], "init_values": 1.0}},
+           "crops": {**TINY["crops"], "n_local": 1, "jitter_p": 0.0, "grayscale_p": 0.0, "blur_p": [0.0, 0.0, 0.0],
+                     "solarize_p": 0.0},
+           "loss": {"teacher_temp_warmup_fraction": 0.0},
+           "optim": {"lr": 1e-3, "warmup_fraction": 0.1, "momentum_teacher": 0.95, "momentum_teacher_end": 0.99}}
+    data = TextureDataset(64)
+    paths = [tmp_path / "it0.pt", tmp_path / "it40.pt"]
+    train_dino(data, cfg, [0, 40], paths, seed=0, device="cpu", log_every=0)
+    images, ids = torch.stack([im for im, _ in data.items]), [i for _, i in data.items]
+    ratio = {}
+    for it, path in zip((0, 40), paths):
+        loss = ImageWiseDinoLoss(load_checkpoint(path, "cpu"), {"n_views": 1, "bank_size": 15}, seed=0,
+                                 bank_dataset=data)
+        with torch.no_grad():
+            loss(images, ids)
+        ratio[it] = float(loss.last_target_entropy.mean() / loss.log_k)
+    assert ratio[40] < 0.9 and ratio[40] < ratio[0] - 0.04, ratio

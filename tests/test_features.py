@@ -136,8 +136,8 @@ def test_extract_features_runs_in_batches_and_matches_one_batch(batch):
     dataset = [(images[i], ids[i]) for i in range(3)]
     loss = ToyImageWiseLoss()
     ex = FeatureExtractor(loss, LAYERS, projection="gaussian", projection_dim=10, seed=3)
-    fwd1, bwd1, ids1 = extract_features(ex, dataset, batch_size=2)
-    fwd3, bwd3, _ = extract_features(ex, dataset, batch_size=3)
+    fwd1, bwd1, ids1, _ = extract_features(ex, dataset, batch_size=2)
+    fwd3, bwd3, _, _ = extract_features(ex, dataset, batch_size=3)
     assert ids1 == ids
     for n in LAYERS:
         assert fwd1[n].shape == (3, 24) and bwd1[n].shape == (3, 10) and bwd1[n].dtype == np.float32
@@ -191,7 +191,8 @@ def test_dino_image_wise_weight_gradients_batch_equals_single(dino_checkpoint):
     from brainprop.models import build_image_wise_loss
 
     path, data = dino_checkpoint
-    loss = build_image_wise_loss({"kind": "dino_checkpoint", "loss": {}}, path, seed=5)
+    loss = build_image_wise_loss({"kind": "dino_checkpoint", "loss": {"n_views": 2}}, path, seed=5,
+                                 bank_dataset=data[3:])
     layers = ["blocks.0.mlp.fc2", "blocks.2.mlp.fc2"]
     ex = FeatureExtractor(loss, layers, projection="none")
     images = torch.stack([im for im, _ in data[:3]])
@@ -218,10 +219,28 @@ def test_run_feature_extraction_and_pca_write_aligned_files(dino_checkpoint, tmp
     layers = ["blocks.0.mlp.fc2", "blocks.2.mlp.fc2"]
     features = {"layers": layers, "pooling": "mean", "backprop_target": "weight", "batch_size": 3,
                 "projection": {"method": "kronecker", "dim": 12, "memory_budget_mb": 1}}
-    model = {"kind": "dino_checkpoint", "image_size": 32, "loss": {}}
-    run_feature_extraction(path, tmp_path / "things.parquet", root, tmp_path / "raw", model, features, seed=0)
+    model = {"kind": "dino_checkpoint", "image_size": 32, "forward_network": "teacher", "loss": {"n_views": 2}}
+    features["pooled_tokens"] = "all"
+    run_feature_extraction(path, tmp_path / "things.parquet", root, tmp_path / "raw", model, features, seed=0,
+                           bank_tables=[tmp_path / "things.parquet"], bank_roots=[root])
     index = pd.read_parquet(tmp_path / "raw/index.parquet")
     assert index.image_id.tolist() == table.image_id.tolist()
+    losses = pd.read_parquet(tmp_path / "raw/losses.parquet")
+    assert losses.columns.tolist() == ["image_id", "loss", "target_entropy", "log_k"]
+    assert losses.image_id.tolist() == table.image_id.tolist()
+    np.testing.assert_allclose(losses.log_k, np.log(16))
+    assert (losses.target_entropy > 0).all() and (losses.target_entropy <= np.log(16) + 1e-6).all()
+    # the stored loss is the image-wise loss of each image, recomputed alone
+    from brainprop.features import training_images
+    from brainprop.models import build_image_wise_loss
+
+    bank = training_images([tmp_path / "things.parquet"], [root], 32)
+    loss = build_image_wise_loss(model, path, seed=0, bank_dataset=bank)
+    image, image_id = bank[4]
+    with torch.no_grad():
+        alone = loss(image[None], [image_id])[0]
+    np.testing.assert_allclose(losses.loss[4], float(alone[0]), rtol=1e-5)
+    np.testing.assert_allclose(losses.target_entropy[4], float(loss.last_target_entropy[0]), rtol=1e-5)
     fwd = np.load(tmp_path / "raw/blocks.2.mlp.fc2.forward.npy")
     bwd = np.load(tmp_path / "raw/blocks.2.mlp.fc2.backprop.npy")
     assert fwd.shape == (7, 32) and bwd.shape == (7, 12) and np.isfinite(bwd).all() and bwd.std() > 0
@@ -299,15 +318,44 @@ def test_run_feature_extraction_memory_mapped_leaves_no_scratch_and_matches_in_m
     generate_things_demo(root, n_concepts=2, images_per_concept=2, n_test_concepts=1, n_catch=0, image_size=32, seed=0)
     things_stimulus_table(root).to_parquet(tmp_path / "things.parquet")
     layer = "blocks.1.mlp.fc2"
-    model = {"kind": "dino_checkpoint", "image_size": 32, "loss": {}}
+    model = {"kind": "dino_checkpoint", "image_size": 32, "loss": {"n_views": 1, "bank_size": 3}}
     out = {}
     for budget in (64, 1e-6):  # in memory; memory-mapped in the job's output folder
-        features = {"layers": [layer], "pooling": "mean", "backprop_target": "weight", "batch_size": 3,
-                    "projection": {"method": "gaussian", "dim": 24, "memory_budget_mb": budget}}
+        features = {"layers": [layer], "pooling": "mean", "pooled_tokens": "all", "backprop_target": "weight",
+                    "batch_size": 3, "projection": {"method": "gaussian", "dim": 24, "memory_budget_mb": budget}}
         run_feature_extraction(path, tmp_path / "things.parquet", root, tmp_path / f"raw{budget}", model, features,
-                               seed=0)
+                               seed=0, bank_tables=[tmp_path / "things.parquet"], bank_roots=[root])
         names = sorted(p.name for p in (tmp_path / f"raw{budget}").iterdir())
-        assert names == [f"{layer}.backprop.npy", f"{layer}.forward.npy", "index.parquet"]
+        assert names == [f"{layer}.backprop.npy", f"{layer}.forward.npy", "index.parquet", "losses.parquet"]
         out[budget] = np.load(tmp_path / f"raw{budget}/{layer}.backprop.npy")
     assert np.abs(out[64]).max() > 0
     np.testing.assert_allclose(out[1e-6], out[64], rtol=0, atol=1e-5 * np.abs(out[64]).max())
+
+
+def test_forward_network_and_pooled_tokens(dino_checkpoint):
+    """Forward features come from the configured network; ``patches`` drops the CLS and register tokens."""
+    from brainprop.models import build_image_wise_loss
+
+    path, data = dino_checkpoint
+    images = torch.stack([im for im, _ in data[:2]])
+    feats = {}
+    for net in ("teacher", "student"):
+        loss = build_image_wise_loss({"kind": "dino_checkpoint", "forward_network": net, "loss": {"n_views": 1}},
+                                     path, seed=5, bank_dataset=data)
+        network = loss.teacher.backbone if net == "teacher" else loss.student.backbone
+        assert loss.forward_network is network
+        outs = {}
+        hook = dict(network.named_modules())["blocks.1.mlp.fc2"].register_forward_hook(
+            lambda m, a, o: outs.__setitem__("x", o))
+        with torch.no_grad():
+            network.forward_features(loss.plain_view(images))
+        hook.remove()
+        n_prefix = network.num_prefix_tokens
+        assert n_prefix == 5  # CLS + 4 registers
+        for tokens, ref in (("all", outs["x"].mean(1)), ("patches", outs["x"][:, n_prefix:].mean(1))):
+            feats[net, tokens] = FeatureExtractor(loss, ["blocks.1.mlp.fc2"], tokens=tokens).forward(images)
+            torch.testing.assert_close(feats[net, tokens]["blocks.1.mlp.fc2"], ref)
+    # two training steps with EMA: teacher and student differ
+    assert not torch.allclose(feats["teacher", "all"]["blocks.1.mlp.fc2"], feats["student", "all"]["blocks.1.mlp.fc2"])
+    with pytest.raises(ValueError, match="patches"):
+        FeatureExtractor(loss, ["blocks.1.mlp.fc2"], pooling="cls", tokens="patches")

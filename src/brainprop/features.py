@@ -3,10 +3,13 @@
 For each image and each hooked layer (a ``torch.nn.Linear``, default the MLP output
 projection ``blocks.N.mlp.fc2``):
 
-* **forward**: the layer's output on the image's plain view, pooled over tokens
-  (``mean`` over all tokens by default: it keeps the layer width as dimension, weighs
-  the patch tokens that carry most of the image's content, and is the usual choice in
-  encoding studies of ViTs; ``cls`` takes token 0, ``flatten`` keeps every token).
+* **forward**: the layer's output on the image's plain view, in the loss's
+  ``forward_network`` (the teacher for DINO checkpoints, as released DINO backbones are;
+  ``loss.network`` when the loss has none), pooled over tokens (``mean`` by default: it
+  keeps the layer width as dimension, weighs the patch tokens that carry most of the
+  image's content, and is the usual choice in encoding studies of ViTs; ``cls`` takes
+  token 0, ``flatten`` keeps every token). ``tokens="all"`` pools prefix (CLS, register)
+  and patch tokens, ``"patches"`` only the patch tokens.
 * **backprop**: the gradient of the image's OWN loss with respect to either the layer's
   weight (``weight``: the per-image synaptic update ``sum_views sum_tokens
   outer(grad_output, input)``, bias excluded) or its output (``output``: the backward
@@ -38,12 +41,18 @@ log = get_logger(__name__)
 
 POOLINGS = ("mean", "cls", "flatten")
 BACKPROP_TARGETS = ("weight", "output")
+POOLED_TOKENS = ("all", "patches")
 
 
-def pool_tokens(x: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Pool (N, T, D) token features to (N, D) (``mean``, ``cls``) or (N, T * D) (``flatten``)."""
+def pool_tokens(x: torch.Tensor, pooling: str, n_prefix: int = 0) -> torch.Tensor:
+    """Pool (N, T, D) token features to (N, D) (``mean``, ``cls``) or (N, T' * D) (``flatten``).
+
+    ``n_prefix`` > 0 drops the first ``n_prefix`` tokens (CLS and registers) before ``mean`` or ``flatten``.
+    """
     if x.ndim == 2:  # already one vector per row (e.g. a pooled CNN layer)
         return x
+    if n_prefix and pooling != "cls":
+        x = x[:, n_prefix:]
     if pooling == "mean":
         return x.mean(dim=1)
     if pooling == "cls":
@@ -79,6 +88,8 @@ class FeatureExtractor:
     layers : module names, e.g. ``["blocks.0.mlp.fc2", ...]``; each must be a ``torch.nn.Linear``
         when ``backprop_target="weight"``.
     pooling : ``mean`` | ``cls`` | ``flatten``.
+    tokens : ``all`` | ``patches``: whether ``mean``/``flatten`` pooling (forward, output gradients)
+        includes the network's ``num_prefix_tokens`` prefix tokens (CLS, registers).
     backprop_target : ``weight`` | ``output``.
     projection : ``gaussian`` | ``kronecker`` | ``none``; weight gradients (and output gradients
         larger than ``projection_dim``) are projected to ``projection_dim`` dims, each layer by the
@@ -91,7 +102,12 @@ class FeatureExtractor:
 
     def __init__(self, loss, layers: Sequence[str], pooling: str = "mean", backprop_target: str = "weight",
                  projection: str = "gaussian", projection_dim: int = 800, seed: int = 0,
-                 memory_budget_mb: float = 24576.0, scratch_dir: str | os.PathLike | None = None):
+                 memory_budget_mb: float = 24576.0, scratch_dir: str | os.PathLike | None = None,
+                 tokens: str = "all"):
+        if tokens not in POOLED_TOKENS:
+            raise ValueError(f"tokens must be one of {POOLED_TOKENS}, got {tokens!r}")
+        if tokens == "patches" and pooling == "cls":
+            raise ValueError("tokens='patches' excludes the CLS token that pooling='cls' takes")
         if backprop_target not in BACKPROP_TARGETS:
             raise ValueError(f"backprop_target must be one of {BACKPROP_TARGETS}, got {backprop_target!r}")
         if pooling not in POOLINGS:
@@ -117,6 +133,12 @@ class FeatureExtractor:
             for (name, (rows, cols)), storage in zip(shapes.items(), plan):
                 self.projectors[name] = self._projector(name, rows, cols, storage)
         self._captures = {name: _Capture() for name in self.layers}
+        self.forward_network = getattr(loss, "forward_network", loss.network)
+        forward_modules = dict(self.forward_network.named_modules())
+        self.forward_modules = {name: forward_modules[name] for name in self.layers}
+        self.n_prefix = int(getattr(loss.network, "num_prefix_tokens", 0)) if tokens == "patches" else 0
+        self.tokens = tokens
+        self.last_losses = self.last_target_entropy = None
 
     def _projector(self, name: str, rows: int, cols: int, storage: str):
         """The weight-gradient projection of layer ``name`` (rows x cols weight), seeded by the name."""
@@ -131,16 +153,18 @@ class FeatureExtractor:
             if isinstance(proj, GaussianProjection):
                 proj.close()
 
-    def _hooks(self):
-        return [self.modules[n].register_forward_hook(self._captures[n].hook) for n in self.layers]
+    def _hooks(self, modules=None):
+        modules = self.modules if modules is None else modules
+        return [modules[n].register_forward_hook(self._captures[n].hook) for n in self.layers]
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Pooled forward activations, {layer: (B, d)}."""
-        handles = self._hooks()
+        """Pooled forward activations of ``forward_network``, {layer: (B, d)}."""
+        handles = self._hooks(self.forward_modules)
         try:
             with torch.no_grad():
-                self.loss.network(self.loss.plain_view(images))
-            return {n: pool_tokens(c.outputs[0], self.pooling).float() for n, c in self._captures.items()}
+                self.forward_network(self.loss.plain_view(images))
+            return {n: pool_tokens(c.outputs[0], self.pooling, self.n_prefix).float()
+                    for n, c in self._captures.items()}
         finally:
             for h in handles:
                 h.remove()
@@ -148,7 +172,10 @@ class FeatureExtractor:
                 c.clear()
 
     def backprop(self, images: torch.Tensor, image_ids: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Per-image backprop features, {layer: (B, k)}; also returns nothing else (losses are logged by caller)."""
+        """Per-image backprop features, {layer: (B, k)}.
+
+        Also sets ``last_losses`` (B,) and ``last_target_entropy`` (B,) (the loss's own, or None).
+        """
         handles = self._hooks()
         try:
             losses, owner = self.loss(images, image_ids)
@@ -161,6 +188,8 @@ class FeatureExtractor:
                 i += len(cap.outputs)
                 result[n] = self._per_image(n, [x.detach() for x in cap.inputs], g, owner, len(image_ids))
             self.last_losses = losses.detach()
+            entropy = getattr(self.loss, "last_target_entropy", None)
+            self.last_target_entropy = None if entropy is None else entropy.detach()
             return result
         finally:
             for h in handles:
@@ -175,7 +204,7 @@ class FeatureExtractor:
             raise RuntimeError(f"loss returned {owner.shape[0]} owners for {offsets[-1]} network rows at {name}")
         chunks = [owner[offsets[c]:offsets[c + 1]] for c in range(len(grads))]
         if self.backprop_target == "output":
-            pooled = [pool_tokens(g, self.pooling).float() for g in grads]
+            pooled = [pool_tokens(g, self.pooling, self.n_prefix).float() for g in grads]
             if len({p.shape[1] for p in pooled}) > 1:
                 raise ValueError(f"{name}: output gradients of views with different token counts cannot be "
                                  f"combined with pooling={self.pooling!r}; use mean or cls")
@@ -214,15 +243,23 @@ class FeatureExtractor:
 
 
 def extract_features(extractor: FeatureExtractor, dataset, batch_size: int, device=None,
-                     desc: str = "features") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[str]]:
+                     desc: str = "features") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[str],
+                                                      pd.DataFrame]:
     """Run ``extractor`` over a dataset of ``(uint8 image, image_id)``.
 
-    Returns ``(forward, backprop, image_ids)`` with ``{layer: (n_images, d) float32}`` arrays in dataset order.
+    Returns
+    -------
+    forward, backprop : ``{layer: (n_images, d) float32}`` in dataset order.
+    image_ids : list of n_images ids.
+    losses : DataFrame, one row per image: ``image_id``, ``loss`` (the image-wise loss) and
+        ``target_entropy`` (the loss's ``last_target_entropy``; NaN when it has none).
     """
     device = resolve_device(device)
     forward: dict[str, list[np.ndarray]] = {n: [] for n in extractor.layers}
     backprop: dict[str, list[np.ndarray]] = {n: [] for n in extractor.layers}
     ids: list[str] = []
+    losses: list[np.ndarray] = []
+    entropies: list[np.ndarray] = []
     n = len(dataset)
     for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch"):
         items = [dataset[i] for i in range(start, min(start + batch_size, n))]
@@ -232,33 +269,56 @@ def extract_features(extractor: FeatureExtractor, dataset, batch_size: int, devi
             forward[name].append(x.cpu().numpy())
         for name, x in extractor.backprop(images, batch_ids).items():
             backprop[name].append(x.cpu().numpy())
+        losses.append(extractor.last_losses.double().cpu().numpy())
+        entropy = extractor.last_target_entropy
+        entropies.append(np.full(len(items), np.nan) if entropy is None else entropy.double().cpu().numpy())
         ids.extend(batch_ids)
     cat = lambda d: {k: np.concatenate(v).astype(np.float32) for k, v in d.items()}  # noqa: E731
-    return cat(forward), cat(backprop), ids
+    table = pd.DataFrame({"image_id": ids, "loss": np.concatenate(losses), "target_entropy": np.concatenate(entropies)})
+    return cat(forward), cat(backprop), ids, table
+
+
+def training_images(tables: Sequence[str | os.PathLike], roots: Sequence[str | os.PathLike], image_size: int):
+    """ConcatDataset of :class:`~brainprop.stimuli.StimulusDataset` over (stimulus table, root) pairs."""
+    from torch.utils.data import ConcatDataset
+
+    from brainprop.stimuli import StimulusDataset
+
+    if len(tables) != len(roots) or not tables:
+        raise ValueError(f"expected one root per training table, got {len(tables)} tables and {len(roots)} roots")
+    return ConcatDataset([StimulusDataset(pd.read_parquet(t), r, image_size) for t, r in zip(tables, roots)])
 
 
 def run_feature_extraction(checkpoint: str | os.PathLike, stimulus_table: str | os.PathLike,
                            stimulus_root: str | os.PathLike, out_dir: str | os.PathLike, model: dict,
-                           features: dict, seed: int, device: str | None = None) -> None:
-    """Rule entry point: write ``{out_dir}/{layer}.{forward,backprop}.npy`` and ``{out_dir}/index.parquet``.
+                           features: dict, seed: int, device: str | None = None,
+                           bank_tables: Sequence[str | os.PathLike] = (),
+                           bank_roots: Sequence[str | os.PathLike] = ()) -> None:
+    """Rule entry point: write ``{out_dir}/{layer}.{forward,backprop}.npy``, ``{out_dir}/index.parquet``
+    and ``{out_dir}/losses.parquet``.
 
-    ``model`` is the model's config entry (kind, image_size, loss settings); ``features`` the
-    ``features`` config section (layers, pooling, backprop_target, projection, batch_size).
+    ``model`` is the model's config entry (kind, image_size, forward_network, loss settings);
+    ``features`` the ``features`` config section (layers, pooling, pooled_tokens, backprop_target,
+    projection, batch_size); ``bank_tables``/``bank_roots`` the training images' stimulus tables and
+    roots (the Sinkhorn bank; needed for ``loss.centering: sinkhorn``). ``losses.parquet``: one row per
+    image with ``image_id``, ``loss`` and ``target_entropy`` (nats) and ``log_k`` (ln of the number of
+    DINO prototypes).
     """
     from brainprop.models import build_image_wise_loss
     from brainprop.stimuli import StimulusDataset
 
     device = resolve_device(device)
-    loss = build_image_wise_loss(model, checkpoint, seed=seed, device=device)
+    bank = training_images(bank_tables, bank_roots, model["image_size"]) if bank_tables else None
+    loss = build_image_wise_loss(model, checkpoint, seed=seed, device=device, bank_dataset=bank)
     table = pd.read_parquet(stimulus_table)
     dataset = StimulusDataset(table, stimulus_root, model["image_size"])
     proj = features["projection"]
     extractor = FeatureExtractor(loss, features["layers"], features["pooling"], features["backprop_target"],
                                  proj["method"], proj["dim"], seed=seed, memory_budget_mb=proj["memory_budget_mb"],
-                                 scratch_dir=proj.get("scratch_dir") or out_dir)
+                                 scratch_dir=proj.get("scratch_dir") or out_dir, tokens=features["pooled_tokens"])
     Path(extractor.scratch_dir).mkdir(parents=True, exist_ok=True)
-    fwd, bwd, ids = extract_features(extractor, dataset, features["batch_size"], device,
-                                     desc=f"features {Path(out_dir).name}")
+    fwd, bwd, ids, losses = extract_features(extractor, dataset, features["batch_size"], device,
+                                             desc=f"features {Path(out_dir).name}")
     extractor.close()
     if ids != table.image_id.tolist():
         raise RuntimeError("feature rows are out of order with the stimulus table")
@@ -267,7 +327,10 @@ def run_feature_extraction(checkpoint: str | os.PathLike, stimulus_table: str | 
         save_npy_atomic(out_dir / f"{name}.forward.npy", fwd[name])
         save_npy_atomic(out_dir / f"{name}.backprop.npy", bwd[name])
     save_parquet_atomic(pd.DataFrame({"image_id": ids}), out_dir / "index.parquet")
-    log.info("wrote %d layers x 2 signals for %d images to %s", len(extractor.layers), len(ids), out_dir)
+    losses["log_k"] = loss.log_k
+    save_parquet_atomic(losses, out_dir / "losses.parquet")
+    log.info("wrote %d layers x 2 signals for %d images to %s; mean loss %.4f, mean target entropy / ln K %.4f",
+             len(extractor.layers), len(ids), out_dir, losses.loss.mean(), (losses.target_entropy / loss.log_k).mean())
 
 
 def run_pca(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, layers: Sequence[str], n_components: int,

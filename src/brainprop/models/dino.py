@@ -102,12 +102,18 @@ DEFAULT_TRAINING_CONFIG: dict = {
 
 DEFAULT_IMAGEWISE_LOSS_CONFIG: dict = {
     "centering": None,
+    "bank_size": 255,
+    "n_views": 8,
+    "photometric": True,
     "n_local": None,
     "mask_probability": 1.0,
     "dino_weight": None,
     "ibot_weight": None,
     "teacher_temp": None,
 }
+# Photometric augmentation probabilities of the crops section (``photometric: false`` zeroes them).
+PHOTOMETRIC_KEYS = ("jitter_p", "grayscale_p", "blur_p", "solarize_p")
+FORWARD_NETWORKS = ("teacher", "student")
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -199,9 +205,12 @@ def training_config_hash(cfg: dict) -> str:
 def resolve_imagewise_config(loss_cfg: dict | None, training_cfg: dict) -> dict:
     """Fill the image-wise loss config; ``None`` values take the value used in training.
 
-    Keys (see :data:`DEFAULT_IMAGEWISE_LOSS_CONFIG`): ``centering`` (sinkhorn | softmax),
-    ``n_local`` (local crops per image), ``mask_probability`` (chance that a global crop is
-    masked for iBOT), ``dino_weight``, ``ibot_weight``, ``teacher_temp`` (None = the checkpoint's).
+    Keys (see :data:`DEFAULT_IMAGEWISE_LOSS_CONFIG`): ``centering`` (sinkhorn = Sinkhorn-Knopp of the
+    image's rows with a fixed bank of ``bank_size`` training images | softmax = the stored EMA center),
+    ``n_views`` (seeded view draws the loss is averaged over), ``photometric`` (colour jitter, grey,
+    blur and solarize in the image-wise views; crops and flips always), ``n_local`` (local crops per
+    image), ``mask_probability`` (chance that a global crop is masked for iBOT), ``dino_weight``,
+    ``ibot_weight``, ``teacher_temp`` (None = the checkpoint's).
     """
     out = _merge(DEFAULT_IMAGEWISE_LOSS_CONFIG, dict(loss_cfg or {}), "loss_cfg")
     if out["centering"] is None:
@@ -215,8 +224,13 @@ def resolve_imagewise_config(loss_cfg: dict | None, training_cfg: dict) -> dict:
         raise ValueError(f"loss_cfg centering: expected one of {CENTERINGS}, got {out['centering']!r}")
     if not 0 <= out["mask_probability"] <= 1:
         raise ValueError(f"loss_cfg mask_probability: expected a probability, got {out['mask_probability']!r}")
-    if int(out["n_local"]) < 0:
-        raise ValueError(f"loss_cfg n_local: expected an int >= 0, got {out['n_local']!r}")
+    for key, low in (("n_local", 0), ("n_views", 1), ("bank_size", 1)):
+        if int(out[key]) != out[key] or int(out[key]) < low:
+            raise ValueError(f"loss_cfg {key}: expected an int >= {low}, got {out[key]!r}")
+    if not isinstance(out["photometric"], bool):
+        raise ValueError(f"loss_cfg photometric: expected true or false, got {out['photometric']!r}")
+    if out["teacher_temp"] is not None and not out["teacher_temp"] > 0:
+        raise ValueError(f"loss_cfg teacher_temp: expected a temperature > 0 or null, got {out['teacher_temp']!r}")
     return out
 
 

@@ -4,11 +4,15 @@ Shapes: B images, V = 2 global crops, n local crops, K prototypes, M masked patc
 
 The per-image DINO and iBOT terms are written so that image b's loss reads only image b's
 rows; training averages them over the batch (plus the batch-level KoLeo term), and
-:class:`ImageWiseDinoLoss` returns them one per image, with batch-free teacher centering.
+:class:`ImageWiseDinoLoss` returns them one per image, with batch-free teacher centering
+(:class:`SinkhornBank`: Sinkhorn-Knopp of an image's rows with a fixed bank of training rows).
 """
 
 from __future__ import annotations
 
+import copy
+import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,14 +20,19 @@ import torch
 import torch.nn.functional as F
 
 from brainprop.models.dino import (
+    FORWARD_NETWORKS,
+    PHOTOMETRIC_KEYS,
     DinoCheckpoint,
     DinoModel,
     MultiCropViews,
     make_views,
     plain_view,
+    random_permutation,
     resolve_imagewise_config,
 )
-from brainprop.utils import stable_seed
+from brainprop.utils import get_logger, stable_seed
+
+log = get_logger(__name__)
 
 
 # ----------------------------------------------------------------------------- centering
@@ -65,6 +74,72 @@ def teacher_targets(teacher_logits: torch.Tensor, centering: str, teacher_temp: 
     if centering == "softmax":
         return softmax_centered(teacher_logits, center, teacher_temp)
     raise ValueError(f"centering must be 'sinkhorn' or 'softmax', got {centering!r}")
+
+
+class SinkhornBank:
+    """Sinkhorn-Knopp of each image's rows together with a fixed bank of teacher rows.
+
+    For a group of rows ``x`` (one image) the targets equal
+    ``sinkhorn_knopp(cat([x, bank]), T, n)[:len(x)]`` -- the bank rows are discarded -- but are
+    computed in scaling-vector form ``Q = diag(u) E diag(v)`` (Q as (K, N), E = exp(logits / T)):
+    the bank's ``exp`` is computed once, and each iteration needs two matmuls of the (G, K) / (G, Nb)
+    scaling vectors of G groups with the (Nb, K) bank, never a (G, Nb, K) tensor.
+
+    Parameters
+    ----------
+    bank_logits : (Nb, K) teacher logits of the bank.
+    teacher_temp : temperature T.
+    """
+
+    def __init__(self, bank_logits: torch.Tensor, teacher_temp: float):
+        if bank_logits.ndim != 2 or bank_logits.shape[0] == 0:
+            raise ValueError(f"bank_logits: expected a non-empty (Nb, K) tensor, got {tuple(bank_logits.shape)}")
+        self.teacher_temp = float(teacher_temp)
+        self.max = bank_logits.max()
+        self.exp = torch.exp((bank_logits - self.max) / self.teacher_temp)  # (Nb, K), entries in (0, 1]
+
+    @property
+    def n_rows(self) -> int:
+        return self.exp.shape[0]
+
+    def nbytes(self) -> int:
+        return self.exp.numel() * self.exp.element_size()
+
+    def targets(self, logits: torch.Tensor, group: torch.Tensor, n_groups: int, n_iterations: int) -> torch.Tensor:
+        """Targets of the rows of ``n_groups`` independent groups.
+
+        Parameters
+        ----------
+        logits : (M, K) teacher logits; row m belongs to group ``group[m]`` (long, (M,)).
+        n_groups : G; a group without rows is allowed (it yields nothing).
+        n_iterations : Sinkhorn iterations (as :func:`sinkhorn_knopp`).
+
+        Returns
+        -------
+        (M, K) probabilities, each row summing to 1; row m depends only on its group's rows and the bank.
+        """
+        if n_iterations < 1:
+            raise ValueError(f"n_iterations: expected an int >= 1, got {n_iterations!r}")
+        t = self.teacher_temp
+        bank = self.exp.to(logits.dtype)
+        nb, k = bank.shape
+        # Common shift per group: the largest logit of the group and of the bank; a global shift of all
+        # columns of one Sinkhorn cancels exactly, so only the overflow/underflow safety depends on it.
+        shift = torch.full((n_groups,), float(self.max), dtype=logits.dtype, device=logits.device)
+        shift = shift.scatter_reduce(0, group, logits.max(dim=1).values, reduce="amax", include_self=True)
+        e = torch.exp((logits - shift[group, None]) / t)  # (M, K)
+        # Bank columns of group g are alpha_g * bank; w = alpha * v_b carries the factor, so after the first
+        # iteration it no longer enters (w = 1 / (N u @ bank.T)) and cannot underflow into 0 * inf.
+        w = torch.exp((self.max.to(logits.dtype) - shift) / t)[:, None].expand(n_groups, nb)  # (G, Nb)
+        n = (torch.bincount(group, minlength=n_groups) + nb).to(logits.dtype)  # (G,) columns of each Sinkhorn
+        v_x = torch.ones(logits.shape[0], dtype=logits.dtype, device=logits.device)  # image columns
+        zeros = torch.zeros(n_groups, k, dtype=logits.dtype, device=logits.device)
+        for _ in range(n_iterations):
+            row = zeros.index_add(0, group, e * v_x[:, None])  # (G, K) the group's own columns
+            u = 1.0 / (k * (row + w @ bank))  # (G, K): each prototype gets mass 1/K
+            v_x = 1.0 / (n[group] * (u[group] * e).sum(dim=1))  # each sample gets mass 1/N
+            w = 1.0 / (n[:, None] * (u @ bank.T))
+        return n[group, None] * u[group] * e * v_x[:, None]
 
 
 # ----------------------------------------------------------------------------- losses
@@ -186,31 +261,57 @@ def teacher_forward(model: DinoModel, views: MultiCropViews) -> tuple[torch.Tens
 # ----------------------------------------------------------------------------- image-wise loss
 
 
+def target_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of probability rows: (..., K) -> (...); ``0 log 0 = 0``."""
+    return -torch.special.xlogy(probs, probs).sum(dim=-1)
+
+
 class ImageWiseDinoLoss:
     """DINO (+ iBOT) loss of each image alone, for per-image backpropagated gradients.
 
-    For every image the teacher and student see the same random views each call: 2 global crops
-    (student side masked for iBOT) and ``n_local`` local crops, drawn from a generator seeded by
-    ``stable_seed(seed, image_id)`` -- independent of the batch, of the image's position in it and of
-    the checkpoint. Teacher targets are computed under ``no_grad`` and centred without other images:
-    ``centering="sinkhorn"`` runs Sinkhorn-Knopp over the image's OWN teacher outputs (its 2 global
-    CLS rows for DINO, its own masked patches for iBOT); ``"softmax"`` uses the EMA center stored in
-    the checkpoint. KoLeo, a batch-level term, is left out. Student and teacher are in eval mode.
+    For every image the teacher and student see the same random views each call: ``n_views``
+    independent draws of 2 global crops (student side masked for iBOT) and ``n_local`` local crops,
+    draw r from a generator seeded by ``stable_seed(seed, image_id)`` (r = 0) or
+    ``stable_seed(seed, image_id, r)`` -- independent of the batch, of the image's position in it and
+    of the checkpoint; the image's loss is the mean over its draws. Teacher targets are computed
+    under ``no_grad`` without other images of the batch:
+
+    * ``centering="sinkhorn"``: Sinkhorn-Knopp over the image's teacher rows together with a FIXED
+      bank (:class:`SinkhornBank`) built once here from ``bank_size`` seeded training images (their
+      2 global-crop CLS logits for DINO, the teacher patch logits at their masked patches for iBOT),
+      each draw's rows normalised with the bank, the bank rows discarded: the batch-like
+      normalisation of DINOv3's training loss, without the batch;
+    * ``centering="softmax"``: softmax of the teacher logits minus the EMA center stored in the
+      checkpoint (DINO/DINOv2).
+
+    KoLeo, a batch-level term, is left out. Student and teacher are in eval mode.
 
     Parameters
     ----------
     checkpoint : from :func:`~brainprop.models.dino.load_checkpoint`.
     loss_cfg : see :func:`~brainprop.models.dino.resolve_imagewise_config` (None values = as trained).
-    seed : seed of the per-image views.
+    seed : seed of the per-image views and of the bank (its images and views).
+    bank_dataset : dataset of ``(uint8 (3, H, W) image, image_id)``, the training images; required for
+        ``centering="sinkhorn"``, unused otherwise.
+    forward_network : ``teacher`` | ``student``: the backbone :attr:`forward_network` points at.
 
     Attributes
     ----------
     network : the student backbone (timm Eva, eval mode); its submodules (``blocks.N.mlp.fc2`` ...) see
         every student row. Rows go through ``patch_embed``/``blocks``/``norm``; ``network.forward``
         (which pools) is only what :meth:`plain_view` outputs are meant for.
+    forward_network : the backbone whose activations are the forward features (released DINO
+        backbones are the teacher); same module names as ``network``.
+    dino_bank, ibot_bank : :class:`SinkhornBank` (``None`` with softmax centering or no iBOT term).
+    bank_ids : image ids of the bank images.
+    last_target_entropy : (B,) mean entropy (nats) of the teacher CLS targets of each image of the
+        last call, over its 2 global crops and ``n_views`` draws.
     """
 
-    def __init__(self, checkpoint: DinoCheckpoint, loss_cfg: dict | None, seed: int):
+    def __init__(self, checkpoint: DinoCheckpoint, loss_cfg: dict | None, seed: int, bank_dataset=None,
+                 forward_network: str = "teacher"):
+        if forward_network not in FORWARD_NETWORKS:
+            raise ValueError(f"forward_network must be one of {FORWARD_NETWORKS}, got {forward_network!r}")
         self.checkpoint = checkpoint
         self.training_cfg = checkpoint.config
         self.cfg = resolve_imagewise_config(loss_cfg, checkpoint.config)
@@ -218,8 +319,21 @@ class ImageWiseDinoLoss:
         self.student = checkpoint.student.eval()
         self.teacher = checkpoint.teacher.eval().requires_grad_(False)
         self.network = self.student.backbone
+        self.forward_network = (self.teacher if forward_network == "teacher" else self.student).backbone
         self.teacher_temp = (checkpoint.teacher_temp if self.cfg["teacher_temp"] is None
                              else float(self.cfg["teacher_temp"]))
+        self.view_cfg = copy.deepcopy(self.training_cfg)
+        if not self.cfg["photometric"]:
+            for key in PHOTOMETRIC_KEYS:
+                value = self.view_cfg["crops"][key]
+                self.view_cfg["crops"][key] = [0.0] * len(value) if isinstance(value, list) else 0.0
+        self.dino_bank = self.ibot_bank = None
+        self.bank_ids: list[str] = []
+        self.last_target_entropy: torch.Tensor | None = None
+        if self.cfg["centering"] == "sinkhorn":
+            if bank_dataset is None:
+                raise ValueError("centering='sinkhorn' needs bank_dataset (the training images) for its fixed bank")
+            self._build_banks(bank_dataset)
 
     @property
     def device(self) -> torch.device:
@@ -229,50 +343,98 @@ class ImageWiseDinoLoss:
     def dtype(self) -> torch.dtype:
         return next(self.network.parameters()).dtype
 
+    @property
+    def log_k(self) -> float:
+        """ln K of the DINO head's K prototypes: the entropy of a uniform target."""
+        return math.log(self.training_cfg["head"]["n_prototypes"])
+
+    @torch.no_grad()
+    def _build_banks(self, dataset, batch_size: int = 64) -> None:
+        """Teacher logits of ``bank_size`` seeded training images under training-style views -> the banks."""
+        n = len(dataset)
+        if n == 0:
+            raise ValueError("bank_dataset is empty")
+        size = min(self.cfg["bank_size"], n)
+        if size < self.cfg["bank_size"]:
+            log.warning("bank_size %d > %d training images: the bank uses all of them", self.cfg["bank_size"], n)
+        chosen = sorted(random_permutation(random.Random(stable_seed(self.seed, "bank")), n)[:size])
+        cls, patch = [], []
+        for start in range(0, size, batch_size):
+            items = [dataset[i] for i in chosen[start:start + batch_size]]
+            ids = [str(i) for _, i in items]
+            views = MultiCropViews.stack([  # training's own views (photometric included), no local crops
+                make_views(im.cpu(), stable_seed(self.seed, "bank", i), self.training_cfg, self.student.patch_size,
+                           n_local=0) for im, i in items]).to(self.device, self.dtype)
+            t_cls, t_patch = teacher_forward(self.teacher, views)
+            cls.append(t_cls.flatten(0, 1))
+            patch.append(t_patch)
+            self.bank_ids.extend(ids)
+        self.dino_bank = SinkhornBank(torch.cat(cls), self.teacher_temp)
+        patch = torch.cat(patch)
+        if self.cfg["ibot_weight"]:
+            if patch.shape[0] == 0:
+                raise ValueError("the bank images have no masked patches (training masking.probability = 0): "
+                                 "no iBOT bank; set ibot_weight: 0 or use softmax centering")
+            self.ibot_bank = SinkhornBank(patch, self.teacher_temp)
+        log.info("Sinkhorn bank: %d images, %d DINO rows (%.1f MiB), %d iBOT rows (%.1f MiB)", size,
+                 self.dino_bank.n_rows, self.dino_bank.nbytes() / 2**20,
+                 0 if self.ibot_bank is None else self.ibot_bank.n_rows,
+                 0 if self.ibot_bank is None else self.ibot_bank.nbytes() / 2**20)
+
     def plain_view(self, images_uint8: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) uint8 -> (B, 3, G, G) normalised, G = global crop size, on the network's device."""
         return plain_view(images_uint8.to(self.device), self.training_cfg["crops"]["global_size"]).to(self.dtype)
 
-    def views(self, image_uint8: torch.Tensor, image_id: str) -> MultiCropViews:
-        """The views of one (3, H, W) uint8 image, on CPU; identical on every call for the same id and seed."""
-        return make_views(image_uint8.cpu(), stable_seed(self.seed, image_id), self.training_cfg,
-                          self.student.patch_size,
+    def view_seed(self, image_id: str, draw: int) -> int:
+        """Seed of view draw ``draw`` of an image (draw 0 keeps the single-draw seed ``(seed, image_id)``)."""
+        return stable_seed(self.seed, image_id) if draw == 0 else stable_seed(self.seed, image_id, draw)
+
+    def views(self, image_uint8: torch.Tensor, image_id: str, draw: int = 0) -> MultiCropViews:
+        """The views of one (3, H, W) uint8 image, on CPU; identical on every call for the same id, draw and seed."""
+        return make_views(image_uint8.cpu(), self.view_seed(image_id, draw), self.view_cfg, self.student.patch_size,
                           n_local=self.cfg["n_local"], mask_probability=self.cfg["mask_probability"])
+
+    def _targets(self, t_cls: torch.Tensor, t_patch: torch.Tensor, patch_draw: torch.Tensor,
+                 n_draws: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher probabilities: CLS (R, 2, K) and patches (M, K_ibot), each draw normalised on its own."""
+        iterations = self.training_cfg["loss"]["sinkhorn_iterations"]
+        if self.cfg["centering"] == "softmax":
+            return (softmax_centered(t_cls, self.checkpoint.dino_center.to(t_cls.dtype), self.teacher_temp),
+                    softmax_centered(t_patch, self.checkpoint.ibot_center.to(t_patch.dtype), self.teacher_temp))
+        r, v, k = t_cls.shape
+        draw = torch.arange(r, device=t_cls.device).repeat_interleave(v)
+        p_cls = self.dino_bank.targets(t_cls.flatten(0, 1), draw, r, iterations).view(r, v, k)
+        p_patch = (self.ibot_bank.targets(t_patch, patch_draw, n_draws, iterations) if self.ibot_bank is not None
+                   else torch.zeros_like(t_patch))
+        return p_cls, p_patch
 
     def __call__(self, images_uint8: torch.Tensor,
                  image_ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-image losses (B,) and the owner (N,) of each student row.
 
         ``losses[b]`` depends on image b only; ``owner[n]`` is the image of row n of the student's
-        backbone calls, concatenated in call order: first the 2B global crops (image-major:
-        ``[0, 0, 1, 1, ...]``), then the ``n_local * B`` local crops (image-major).
+        backbone calls, concatenated in call order: first the global crops (image-major, each image's
+        ``n_views`` draws together: ``[0] * 2 R + [1] * 2 R + ...``), then the local crops (image-major).
+        Also sets :attr:`last_target_entropy`.
         """
         if images_uint8.ndim != 4 or images_uint8.shape[1] != 3 or images_uint8.dtype != torch.uint8:
             raise ValueError(f"images_uint8: expected a (B, 3, H, W) uint8 tensor, got "
                              f"{tuple(images_uint8.shape)} {images_uint8.dtype}")
         image_ids = [str(i) for i in image_ids]
-        b = images_uint8.shape[0]
+        b, r = images_uint8.shape[0], self.cfg["n_views"]
         if len(image_ids) != b:
             raise ValueError(f"image_ids: expected {b} ids for {b} images, got {len(image_ids)}")
-        views = MultiCropViews.stack([self.views(images_uint8[i], image_ids[i]) for i in range(b)])
+        # draw j of image i is pseudo-image i * R + j: one batched pass over all draws
+        views = MultiCropViews.stack([self.views(images_uint8[i], image_ids[i], j) for i in range(b) for j in range(r)])
         views = views.to(self.device, self.dtype)
-        lcfg = self.training_cfg["loss"]
+        student_temp = self.training_cfg["loss"]["student_temp"]
         t_cls, t_patch = teacher_forward(self.teacher, views)
         out = student_forward(self.student, views)
         with torch.no_grad():
-            if self.cfg["centering"] == "softmax":
-                p_cls = softmax_centered(t_cls, self.checkpoint.dino_center.to(t_cls.dtype), self.teacher_temp)
-                p_patch = softmax_centered(t_patch, self.checkpoint.ibot_center.to(t_patch.dtype), self.teacher_temp)
-            else:  # Sinkhorn over each image's own rows
-                p_cls = torch.stack([sinkhorn_knopp(t_cls[i], self.teacher_temp, lcfg["sinkhorn_iterations"])
-                                     for i in range(b)])
-                p_patch = torch.empty_like(t_patch)
-                for i in range(b):
-                    rows = out.ibot_image == i
-                    if rows.any():
-                        p_patch[rows] = sinkhorn_knopp(t_patch[rows], self.teacher_temp, lcfg["sinkhorn_iterations"])
-        losses = self.cfg["dino_weight"] * dino_loss_per_image(out.dino_logits, p_cls, lcfg["student_temp"])
+            p_cls, p_patch = self._targets(t_cls, t_patch, out.ibot_image, b * r)
+            self.last_target_entropy = target_entropy(p_cls).view(b, r * p_cls.shape[1]).mean(dim=1)
+        losses = self.cfg["dino_weight"] * dino_loss_per_image(out.dino_logits, p_cls, student_temp)
         if self.cfg["ibot_weight"]:
             losses = losses + self.cfg["ibot_weight"] * ibot_loss_per_image(
-                out.ibot_logits, p_patch, out.ibot_weight, out.ibot_image, b, lcfg["student_temp"])
-        return losses, out.owner
+                out.ibot_logits, p_patch, out.ibot_weight, out.ibot_image, b * r, student_temp)
+        return losses.view(b, r).mean(dim=1), torch.div(out.owner, r, rounding_mode="floor")
