@@ -55,15 +55,17 @@ def demo_loss(folder: Path, seed: int):
     data = [(torch.randint(0, 256, (3, 40, 40), generator=g, dtype=torch.uint8), f"t{i}") for i in range(4)]
     path = folder / "it0.pt"
     train_dino(data, DEMO_TRAINING, [0], [path], seed=seed, device="cpu", log_every=0)
-    return build_image_wise_loss({"kind": "dino_checkpoint", "loss": {}}, path, seed=seed, device="cpu")
+    # the demo's image-wise loss: Sinkhorn with a bank of the 4 training images, 2 view draws per image
+    return build_image_wise_loss({"kind": "dino_checkpoint", "loss": {"bank_size": 4, "n_views": 2}}, path, seed=seed,
+                                 device="cpu", bank_dataset=data)
 
 
 def obvious_extraction(loss, layers, dataset, batch_size: int, dim: int, seed: int):
     """One forward and one backward pass per image; each layer's dense matrix materialised per batch."""
-    modules = dict(loss.network.named_modules())
-    weights = [modules[n].weight for n in layers]
+    weights = [dict(loss.network.named_modules())[n].weight for n in layers]
+    forward_modules = dict(loss.forward_network.named_modules())
     captured = {}
-    hooks = [modules[n].register_forward_hook(lambda m, a, o, n=n: captured.__setitem__(n, o)) for n in layers]
+    hooks = [forward_modules[n].register_forward_hook(lambda m, a, o, n=n: captured.__setitem__(n, o)) for n in layers]
     fwd, bwd = {n: [] for n in layers}, {n: [] for n in layers}
     try:
         for start in range(0, len(dataset), batch_size):
@@ -71,7 +73,7 @@ def obvious_extraction(loss, layers, dataset, batch_size: int, dim: int, seed: i
             mats = {n: gaussian_matrix(w.numel(), dim, layer_seed(seed, n)) for n, w in zip(layers, weights)}
             for image, image_id in items:
                 with torch.no_grad():
-                    loss.network(loss.plain_view(image[None]))
+                    loss.forward_network(loss.plain_view(image[None]))
                 for n in layers:
                     fwd[n].append(captured[n].mean(dim=1)[0].numpy())
                 losses, _ = loss(image[None], [image_id])
@@ -129,7 +131,7 @@ def main() -> None:
         # end to end; ours includes generating its 12 matrices (once per job)
         def ours():
             ex = FeatureExtractor(loss, LAYERS, projection="gaussian", projection_dim=args.dim, seed=args.seed)
-            fwd, bwd, _ = extract_features(ex, dataset, args.batch_size, "cpu", desc="ours")
+            fwd, bwd, _, _ = extract_features(ex, dataset, args.batch_size, "cpu", desc="ours")
             ex.close()
             return fwd, bwd
 

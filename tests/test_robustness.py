@@ -80,7 +80,7 @@ def test_one_extraction_at_the_largest_dim_gives_each_dim_of_direct_extractions(
 
     def extract(dim, layers):
         ex = FeatureExtractor(loss, layers, projection_dim=dim, seed=4)
-        fwd, bwd, ids = extract_features(ex, data, batch_size=5, desc="test")
+        fwd, bwd, ids, _ = extract_features(ex, data, batch_size=5, desc="test")
         return fwd[layer], bwd[layer], ids
 
     # the grid's one job: this layer alone, at the largest dim; the references: the main extraction's layer list
