@@ -12,10 +12,12 @@ R is the split-averaged Pearson r of :func:`brainprop.encoding.cross_validated_r
 fMRI targets are vertices (their index among the 2 x V fsaverage vertices, lh then rh);
 MEG targets are (channel, time) pairs, channel-averaged for the time courses.
 
-Statistics: fMRI, a per-vertex permutation null (``encoding.permutation``) with BH-FDR across
-vertices for the three fitted signals; MEG, the paper's one-sample one-tailed t-test across
-subjects per time point with BH-FDR across time points (:func:`group_meg`), for all four
-signals including the residual.
+Statistics: fMRI, a per-vertex permutation null (``encoding.permutation``, per target or pooled
+over ``encoding.pooled_targets``) with BH-FDR across vertices for the three fitted signals, and the
+residual's own test (``encoding.residual``: backprop's part unexplained by forward permuted, at the
+last layer by default); MEG, the paper's one-sample one-tailed t-test across subjects per time point
+with BH-FDR across time points (:func:`group_meg`), for all four signals including the residual.
+See docs/statistics.md, sections 7 and 8.
 """
 
 from __future__ import annotations
@@ -218,7 +220,8 @@ def group_meg(score_tables: Sequence[str | os.PathLike], out: str | os.PathLike,
 
 def group_fmri(score_tables: Sequence[str | os.PathLike], out: str | os.PathLike) -> pd.DataFrame:
     """Rule entry point: per (layer, signal, vertex) the across-subject mean score and the number of subjects
-    in which the vertex is significant (permutation + FDR) and in which it was analysed."""
+    in which the vertex is significant (permutation + FDR; the residual by its own test, NaN p-values and
+    never significant at untested layers) and in which it was analysed."""
     per_subject = pd.concat([pd.read_parquet(p, columns=["subject", "model", "checkpoint", "layer", "layer_depth",
                                                           "signal", "vertex", "score", "significant"])
                              for p in score_tables])
