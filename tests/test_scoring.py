@@ -175,3 +175,14 @@ def test_residual_pvalues_follow_the_config():
         encoding = {**ENCODING, "residual": {"n": 19, "pvalues": kind, "layers": "last"}}
         np.testing.assert_array_equal(residual_pvalues(fwd, bwd, y, res, encoding, 6, 3, 0, 5), expected)
     assert test.pvalues_gaussian[1] < 1e-3 < test.pvalues[1] == pytest.approx(1 / 20)
+
+
+def test_config_requires_the_residual_to_compare_equal_dimensions():
+    from pathlib import Path
+
+    from brainprop.config import ConfigError, resolve_config
+
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(ConfigError, match=r"features\.pca\.dim \(48\) must be 2 x features\.pca\.residual_dim \(20\)"):
+        resolve_config(overrides={"features": {"pca": {"residual_dim": 20}}}, workflow_dir=root)
+    assert resolve_config(overrides={"features": {"pca": {"dim": 40, "residual_dim": 20}}}, workflow_dir=root)
