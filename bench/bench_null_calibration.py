@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
 import yaml
 from scipy import stats as sps
 
 from brainprop.config import resolve_config
-from brainprop.scoring import alphas_from_config, engine_kwargs, residual_pvalues, signal_pvalues
 from brainprop.encoding import cross_validated_ridge, residual_scores
+from brainprop.scoring import alphas_from_config, engine_kwargs, residual_pvalues, signal_pvalues
 from brainprop.simulate.nulls import correlated_null, forward_encoded_null
 from brainprop.stats import fdr_bh
 
@@ -78,7 +77,8 @@ def main() -> None:
             hits += bool(reject.any())
             shares.append(reject.mean())
         bound = sps.binom.ppf(0.999, args.realisations, q)
-        print(f"{which:8s}: {hits} of {args.realisations} realisations rejected something (rate {hits / args.realisations:.3f}; "
+        rate = hits / args.realisations
+        print(f"{which:8s}: {hits} of {args.realisations} realisations rejected something (rate {rate:.3f}; "
               f"BH allows {q}; 99.9% binomial bound {int(bound)}), largest share rejected {max(shares):.3f}, "
               f"{time.perf_counter() - t0:.0f} s")
 

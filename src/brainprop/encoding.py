@@ -703,7 +703,8 @@ def residual_inputs(X_forward, X_backprop, n_forward: int = 150, n_backprop: int
         if arr.ndim != 2 or arr.shape[1] < need:
             raise ValueError(f"{name} must be 2-D with at least {need} columns, got shape {arr.shape}")
     if X_forward.shape[0] != X_backprop.shape[0]:
-        raise ValueError(f"X_forward and X_backprop must have the same rows: {X_forward.shape[0]} != {X_backprop.shape[0]}")
+        raise ValueError(f"X_forward and X_backprop must have the same rows: "
+                         f"{X_forward.shape[0]} != {X_backprop.shape[0]}")
     return np.concatenate([X_forward[:, :n_forward], X_backprop[:, :n_backprop]], axis=1), X_forward[:, :n_total]
 
 

@@ -1,7 +1,10 @@
 """Statistics of encoding scores (paper section 2.1, "Statistics").
 
 * fMRI: per-vertex permutation null of the split-averaged Pearson r (paper: 1000 shuffles),
-  empirical p-values with the +1 correction, Benjamini-Hochberg FDR over vertices.
+  empirical p-values with the +1 correction, Benjamini-Hochberg FDR over vertices; or a null
+  pooled over many shuffles of a subset of vertices (the demo, :func:`pooled_null_pvalues`).
+* fMRI residual backprop: its own test, backprop's part unexplained by forward permuted
+  (:func:`residual_permutation_test`).
 * MEG: per time point, one-sample one-tailed t-test across subjects of the channel-averaged
   score, Benjamini-Hochberg FDR over time points.
 
