@@ -105,13 +105,14 @@ def test_best_layer_per_vertex_subject_and_group_tables():
         np.testing.assert_allclose(out.layer_depth.to_numpy(), exp[np.isfinite(exp)])
 
 
-def test_best_layer_per_vertex_residual_uses_forward_backprop_mask():
+def test_best_layer_per_vertex_residual_uses_its_own_test():
     scores = np.zeros((L, 3))
     scores[3, 0], scores[1, 1], scores[4, 2] = 1.0, 1.0, 1.0
     fb_sig = np.zeros((L, 3), bool)
     fb_sig[0, [0, 2]] = True
-    table = pd.concat([_subject_table(scores, np.zeros((L, 3), bool), "residual"),
-                       _subject_table(scores * 0, fb_sig, "forward+backprop")])
+    # forward+backprop significant everywhere: it no longer selects the residual's vertices
+    table = pd.concat([_subject_table(scores, fb_sig, "residual"),
+                       _subject_table(scores * 0, np.ones((L, 3), bool), "forward+backprop")])
     out = best_layer_per_vertex(table, "residual")
     np.testing.assert_array_equal(out.vertex.to_numpy(), [0, 20])
     np.testing.assert_allclose(out.layer_depth.to_numpy(), [DEPTHS[3], DEPTHS[4]])
@@ -307,23 +308,25 @@ def test_fmri_summary_mean_over_significant_and_subject_ttest():
     n_sub, n_v = 4, 6
     per = rng.normal(0.2, 0.05, size=(n_sub, n_v))
     sig = np.array([True, True, False, True, False, False])
+    res_sig = np.array([False, True, False, False, True, False])  # the residual's own test
     frames = []
     for s in range(n_sub):
         for signal, scale in (("forward", 1.0), ("forward+backprop", 1.5), ("residual", 0.5)):
             frames.append(pd.DataFrame({"subject": s + 1, "model": "m", "checkpoint": "it300", "layer": LAYERS[-1],
                                         "layer_depth": 1.0, "signal": signal, "vertex": np.arange(n_v),
                                         "score": per[s] * scale,
-                                        "significant": sig & (signal != "residual")}))
+                                        "significant": res_sig if signal == "residual" else sig}))
     subjects = pd.concat(frames, ignore_index=True)
     group = (subjects.groupby(["model", "checkpoint", "layer", "layer_depth", "signal", "vertex"])
              .agg(mean=("score", "mean"), n_significant=("significant", "sum"), n_subjects=("score", "count"))
              .reset_index())
     out = fmri_summary(group, subjects).set_index("signal")
     for signal, scale in (("forward", 1.0), ("forward+backprop", 1.5), ("residual", 0.5)):
-        # residual vertices come from forward+backprop significance (its own is never tested)
-        assert out.loc[signal, "score"] == pytest.approx(per[:, sig].mean() * scale)
-        assert out.loc[signal, "n_vertices"] == 3
-        subj_means = per[:, sig].mean(1) * scale
+        # each signal's vertices come from its own test, the residual's included
+        mask = res_sig if signal == "residual" else sig
+        assert out.loc[signal, "score"] == pytest.approx(per[:, mask].mean() * scale)
+        assert out.loc[signal, "n_vertices"] == mask.sum()
+        subj_means = per[:, mask].mean(1) * scale
         ref = sps.ttest_1samp(subj_means, 0, alternative="greater")
         assert out.loc[signal, "pvalue"] == pytest.approx(ref.pvalue)
         assert out.loc[signal, "sem"] == pytest.approx(sps.sem(subj_means))
@@ -359,18 +362,18 @@ def test_mean_vertex_map_counts_only_present_vertices():
     np.testing.assert_allclose(mean_vertex_map(maps, 4, 3), [np.nan, np.nan, 17 / 3, np.nan])
 
 
-def test_significant_map_uses_the_mask_signal_and_last_layer():
+def test_significant_map_uses_each_signals_own_test_and_last_layer():
     rows = []
     for depth, layer in ((0.0, "a"), (1.0, "b")):
-        for signal, sig in (("forward", [2, 0, 1]), ("forward+backprop", [0, 2, 2]), ("residual", [0, 0, 0])):
+        for signal, sig in (("forward", [2, 0, 1]), ("forward+backprop", [0, 2, 2]), ("residual", [0, 1, 0])):
             rows.append(pd.DataFrame({"model": "m", "checkpoint": "it1", "layer": layer, "layer_depth": depth,
                                       "signal": signal, "vertex": [5, 6, 7], "mean": [0.1, 0.2, 0.3 + depth],
                                       "n_significant": sig, "n_subjects": 2}))
     group = pd.concat(rows, ignore_index=True)
     fwd = significant_map(group, "forward", min_significant=2)
     assert fwd.vertex.tolist() == [5] and fwd.score.tolist() == [0.1]
-    res = significant_map(group, "residual", min_significant=1)  # mask: forward+backprop of the last layer
-    assert res.vertex.tolist() == [6, 7] and res.score.tolist() == pytest.approx([0.2, 1.3])
+    res = significant_map(group, "residual", min_significant=1)  # its own test, not forward+backprop's
+    assert res.vertex.tolist() == [6] and res.score.tolist() == pytest.approx([0.2])
     assert significant_map(group, "forward", layer="a", min_significant=1).vertex.tolist() == [5, 7]  # union
     assert significant_map(group, "forward", layer="a").vertex.tolist() == [5]  # default: majority, 2 of 2
     with pytest.raises(ValueError, match="one model/checkpoint"):

@@ -70,10 +70,11 @@ def test_the_paper_run_inherits_no_demo_value():
 
 def test_overlays_and_overrides_merge_in_order(tmp_path):
     mine = tmp_path / "mine.yaml"
-    mine.write_text("features:\n  pca:\n    dim: 200\n")
+    mine.write_text("features:\n  projection:\n    dim: 400\n")
     cfg = resolve_config([PAPER, mine], {"seed": 7}, workflow_dir=ROOT)
-    assert cfg["features"]["pca"] == {"dim": 200, "residual_dim": 150}  # nested keys merge, siblings stay
-    assert cfg["seed"] == 7 and cfg["features"]["projection"]["dim"] == 800
+    assert cfg["features"]["projection"]["dim"] == 400  # nested keys merge, siblings stay
+    assert cfg["features"]["projection"]["method"] == "gaussian" and cfg["features"]["pca"]["dim"] == 300
+    assert cfg["seed"] == 7
     local = tmp_path / "config/config.yaml"  # a working directory's own demo overlay replaces the shipped one
     local.parent.mkdir()
     local.write_text(DEMO.read_text() + "\nseed: 3\n")

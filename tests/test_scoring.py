@@ -6,13 +6,23 @@ import pytest
 from scipy import stats
 
 from brainprop.brain.meg import write_meg_table
-from brainprop.encoding import cross_validated_ridge
-from brainprop.scoring import encode_meg_subject, encode_nsd_subject, group_fmri, group_meg, score_subject
+from brainprop.encoding import cross_validated_ridge, residual_scores
+from brainprop.scoring import (
+    encode_meg_subject,
+    encode_nsd_subject,
+    group_fmri,
+    group_meg,
+    residual_pvalues,
+    score_subject,
+    signal_pvalues,
+)
+from brainprop.stats import permutation_test, pooled_permutation_pvalues, residual_permutation_test
 
 LAYERS = ["l0", "l1"]
 ENCODING = {"alphas": {"log10_min": 0, "log10_max": 4, "n": 5}, "n_splits": 3, "inner_cv": "loo",
             "standardize": True, "dtype": "float64", "memory_budget_mb": 64, "fdr_q": 0.05,
-            "permutation": {"n": 30, "method": "refit", "null_distribution": "per_target", "modalities": ["nsd"]}}
+            "permutation": {"n": 30, "method": "refit", "null_distribution": "per_target", "modalities": ["nsd"]},
+            "pooled_targets": None, "residual": {"n": 0, "pvalues": "empirical", "layers": "last"}}
 
 
 def planted(n=240, d=10, seed=0):
@@ -55,7 +65,8 @@ def test_nsd_subject_tables_with_permutations(tmp_path):
     np.save(tmp_path / "mask.npy", mask)
     pd.DataFrame({"image_id": ids}).to_parquet(tmp_path / "images.parquet")
     keys = {"subject": 1, "model": "m", "checkpoint": "it0"}
-    encoding = {**ENCODING, "permutation": {**ENCODING["permutation"], "n": 99}}
+    encoding = {**ENCODING, "permutation": {**ENCODING["permutation"], "n": 99},
+                "residual": {"n": 99, "pvalues": "empirical", "layers": "last"}}
     table = encode_nsd_subject(fdir, LAYERS, tmp_path / "betas.npy", tmp_path / "images.parquet",
                                tmp_path / "mask.npy", tmp_path / "out", encoding, 6, 3, 0, keys)
     assert len(table) == 2 * 4 * 3 and set(table.vertex) == {1, 4, 7}
@@ -64,10 +75,18 @@ def test_nsd_subject_tables_with_permutations(tmp_path):
     # the planted target beats all 99 shuffles: p = 1/100, BH over 3 vertices: 0.03 <= 0.05
     assert fwd0.loc[1, "pvalue"] == pytest.approx(1 / 100) and fwd0.loc[1, "pvalue_fdr"] == pytest.approx(0.03)
     assert fwd0.loc[1, "significant"] and not fwd0.loc[7, "significant"]
+    # the residual has its own test, at the last layer only: the backprop target (vertex 4) beats all 99
+    # permutations of backprop's unexplained part; the forward target (vertex 1) does not
+    res = table[table.signal == "residual"].set_index(["layer", "vertex"])
+    assert res.loc[("l1", 4), "pvalue"] == pytest.approx(1 / 100) and res.loc[("l1", 4), "significant"]
+    assert res.loc[("l1", 1), "pvalue"] > 0.05 and not res.loc[("l1", 1), "significant"]
+    assert res.loc["l0", "pvalue"].isna().all() and not res.loc["l0", "significant"].any()
     np.testing.assert_allclose(table.layer_depth.unique(), [0, 1])
     np.testing.assert_allclose(np.load(tmp_path / "out/scores.npy")[0, 0], fwd0.score.to_numpy(), atol=1e-6)
     group = group_fmri([tmp_path / "out/scores.parquet"] * 2, tmp_path / "group.parquet")
     assert (group.n_subjects == 2).all() and set(group.signal) == {"forward", "backprop", "forward+backprop", "residual"}
+    g = group[group.signal == "residual"].set_index(["layer", "vertex"])
+    assert g.loc[("l1", 4), "n_significant"] == 2 and g["n_significant"].sum() == 2
 
 
 def test_meg_subjects_and_group_ttest(tmp_path):
@@ -122,7 +141,48 @@ def test_misaligned_images_are_named(tmp_path):
 def test_pooled_null_resolves_small_pvalues_with_few_shuffles():
     feats, y = planted()
     encoding = {**ENCODING, "permutation": {"n": 5, "method": "refit", "null_distribution": "pooled", "modalities": ["nsd"]}}
-    out = score_subject(feats, LAYERS[:1], y, encoding, dim=6, residual_dim=3, seed=0, permutations=5)
+    out = score_subject(feats, LAYERS[:1], y, encoding, dim=6, residual_dim=3, seed=0, permutations=True)
     # the planted target beats all 5 x 3 pooled null scores: p = 1 / 16, below the per-target floor 1 / 6
     assert out["pvalues"][0, 0, 0] == pytest.approx(1 / 16)
     assert out["pvalues"][0, 0, 2] > 0.1
+
+
+def test_pooled_null_of_a_target_subset_is_seeded_and_reaches_its_floor():
+    rng = np.random.default_rng(4)
+    X, Y = rng.normal(size=(200, 5)), rng.normal(size=(200, 60))
+    Y[:, 0] += 3 * X[:, 0]
+    encoding = {**ENCODING, "pooled_targets": 7,
+                "permutation": {"n": 9, "method": "refit", "null_distribution": "pooled", "modalities": ["nsd"]}}
+    obs = cross_validated_ridge(X, Y, np.logspace(0, 4, 5), n_splits=3, seed=0, dtype="float64", progress=False)
+    p = signal_pvalues(X, Y, obs.mean_scores, encoding, 0, 11)
+    assert p[0] == pytest.approx(1 / (9 * 7 + 1))  # the pool: 9 shuffles of 7 targets, whatever T
+    np.testing.assert_array_equal(p, signal_pvalues(X, Y, obs.mean_scores, encoding, 0, 11))
+    assert not np.array_equal(p, signal_pvalues(X, Y, obs.mean_scores, encoding, 0, 12))
+    # the pool's p-values are those of pooled_permutation_pvalues against the refit null of the subset
+    cols = np.sort(np.random.default_rng(11).choice(60, 7, replace=False))
+    null = permutation_test(X, Y[:, cols], np.logspace(0, 4, 5), 9, permutation_seed=11, observed=obs.mean_scores[cols],
+                            n_splits=3, seed=0, dtype="float64", progress=False).null
+    np.testing.assert_array_equal(p, pooled_permutation_pvalues(obs.mean_scores, null))
+
+
+def test_residual_pvalues_follow_the_config():
+    feats, y = planted()
+    fwd, bwd = feats[("l1", "forward")], feats[("l1", "backprop")]
+    kw = dict(n_splits=3, seed=0, dtype="float64", progress=False)
+    res = residual_scores(fwd, bwd, y, np.logspace(0, 4, 5), 3, 3, 6, **kw)
+    test = residual_permutation_test(fwd, bwd, y, np.logspace(0, 4, 5), 3, 3, 6, 19, 5, res, **kw)
+    for kind, expected in (("empirical", test.pvalues), ("gaussian", test.pvalues_gaussian)):
+        encoding = {**ENCODING, "residual": {"n": 19, "pvalues": kind, "layers": "last"}}
+        np.testing.assert_array_equal(residual_pvalues(fwd, bwd, y, res, encoding, 6, 3, 0, 5), expected)
+    assert test.pvalues_gaussian[1] < 1e-3 < test.pvalues[1] == pytest.approx(1 / 20)
+
+
+def test_config_requires_the_residual_to_compare_equal_dimensions():
+    from pathlib import Path
+
+    from brainprop.config import ConfigError, resolve_config
+
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(ConfigError, match=r"features\.pca\.dim \(48\) must be 2 x features\.pca\.residual_dim \(20\)"):
+        resolve_config(overrides={"features": {"pca": {"residual_dim": 20}}}, workflow_dir=root)
+    assert resolve_config(overrides={"features": {"pca": {"dim": 40, "residual_dim": 20}}}, workflow_dir=root)

@@ -37,9 +37,11 @@ from brainprop.utils import get_logger
 log = get_logger(__name__)
 
 SIGNALS = ("forward", "backprop", "forward+backprop", "residual")
-#: The residual is a difference of scores and has no test of its own: its vertices are those
-#: significant for the forward+backprop encoding it is derived from.
-DEFAULT_MASK_SIGNAL = {"residual": "forward+backprop"}
+#: Signal whose significance selects the vertices of another (overrides; default: the signal itself).
+#: Empty: every signal, the residual included, is selected by its own test. The residual has one
+#: (:func:`brainprop.stats.residual_permutation_test`); selecting it by forward+backprop significance
+#: would keep vertices that forward alone explains and bias the difference upward.
+DEFAULT_MASK_SIGNAL: dict[str, str] = {}
 _KEYS = ("subject", "model", "checkpoint")
 #: ``figures.roi_best_layer``: argmax of the ROI's mean score profile (sister paper) or mean of its
 #: vertices' best layers.
@@ -718,7 +720,7 @@ def fmri_summary(group_fmri: pd.DataFrame, subjects: pd.DataFrame | None = None,
     """Fig. 3 bottom / Fig. 5: per (model, checkpoint, signal) the mean score over significant vertices.
 
     Vertices: those of the chosen layer with ``n_significant >= min_significant`` for the signal's mask
-    signal (itself; ``residual`` uses ``forward+backprop``, see :data:`DEFAULT_MASK_SIGNAL`). Score:
+    signal (itself, the residual by its own test; overrides in ``mask_signals``). Score:
     mean over them of the across-subject mean score. With per-subject tables, each subject's mean
     over the same vertices gives ``sem`` across subjects and ``pvalue``, a one-sample one-tailed
     t-test (mean > 0, scipy); note the vertices were selected as significant, so this p-value only
@@ -829,7 +831,8 @@ def mean_vertex_map(maps: Sequence[tuple], n_vertices: int, min_count: int = 1) 
 
 def significant_map(group_fmri: pd.DataFrame, signal: str, layer: str | None = None,
                     min_significant: int | str = "majority") -> pd.DataFrame:
-    """Across-subject mean score of each vertex significant for the signal's mask signal (Fig. 4, 6).
+    """Across-subject mean score of each vertex significant for the signal (the residual: by its own
+    test) in ``min_significant`` subjects (``"majority"`` or a count; Fig. 4, 6).
 
     Parameters
     ----------

@@ -89,6 +89,10 @@ def _consistency(config: dict) -> list[str]:
     pca = config.get("features", {}).get("pca", {})
     if pca and pca.get("residual_dim", 0) > pca.get("dim", 0):
         out.append(f"features.pca.residual_dim ({pca['residual_dim']}) must be <= features.pca.dim ({pca['dim']})")
+    if pca and pca.get("dim") != 2 * pca.get("residual_dim", 0):
+        # the residual compares residual_dim + residual_dim components with dim forward ones: fair only at equal size
+        out.append(f"features.pca.dim ({pca.get('dim')}) must be 2 x features.pca.residual_dim ({pca.get('residual_dim')}): "
+                   "the residual R(forward+backprop) - R(forward) compares models of equal dimension")
     ckpts = config.get("training", {}).get("checkpoints", [])
     iters = config.get("training", {}).get("iterations")
     if ckpts and iters is not None and max(ckpts) > iters:

@@ -27,6 +27,7 @@ Targets that contain NaN/inf or are constant are reported (logged count) and get
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -34,7 +35,7 @@ import numpy as np
 import scipy.linalg
 import torch
 from sklearn.model_selection import KFold
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 from tqdm.auto import tqdm
 
 from brainprop.utils import get_logger, resolve_device
@@ -164,13 +165,20 @@ def _standardize(X_train: torch.Tensor, X_test: torch.Tensor, standardize: bool)
     return (X_train - mean) / scale, (X_test - mean) / scale
 
 
+@functools.lru_cache(maxsize=1)
+def _threadpools() -> ThreadpoolController:
+    """The process's thread pools, scanned once (a fresh ``threadpool_limits`` rescans the loaded
+    libraries, about 20 ms: more than a small fit, e.g. one permutation of the residual test)."""
+    return ThreadpoolController()
+
+
 def _eigh(C: torch.Tensor):
     """Symmetric eigendecomposition (ascending). On CPU, LAPACK's divide-and-conquer driver via
     scipy is several times faster than ``torch.linalg.eigh`` for the 300 x 300 matrices here."""
     if C.device.type == "cpu":
         # one BLAS thread: OpenBLAS threads competing with torch's spinning OpenMP workers are
         # several times slower than a single thread on a small matrix
-        with threadpool_limits(limits=1, user_api="blas"):
+        with _threadpools().limit(limits=1, user_api="blas"):
             L, V = scipy.linalg.eigh(C.numpy(), driver="evd", check_finite=False)
         return torch.from_numpy(L), torch.from_numpy(V)
     return torch.linalg.eigh(C)
@@ -673,22 +681,48 @@ def cross_validated_ridge(X, Y, alphas, n_splits: int = 5, seed: int = 0, inner_
                           test_indices=[te for _, te in enc.splits], predictions=preds)
 
 
-def residual_scores(X_forward, X_backprop, Y, alphas, n_forward: int = 150, n_backprop: int = 150,
-                    n_total: int = 300, **kwargs) -> ResidualResult:
-    """Residual backprop score per target (paper section 2.2, "Encoding of residual Backpropagation").
-
-    ``R(forward[:, :n_forward] ++ backprop[:, :n_backprop]) - R(forward[:, :n_total])``, with the
-    columns of both inputs being PCA components sorted by decreasing variance (so the first k
-    columns are the k-component projection) and R the split-averaged encoding score.
+def residual_inputs(X_forward, X_backprop, n_forward: int = 150, n_backprop: int = 150,
+                    n_total: int = 300) -> tuple[np.ndarray, np.ndarray]:
+    """The two designs the residual compares: ``forward[:, :n_forward] ++ backprop[:, :n_backprop]`` and
+    ``forward[:, :n_total]`` (columns are PCA components sorted by decreasing variance, so the first k
+    columns are the k-component projection).
 
     Parameters
     ----------
     X_forward : ndarray, shape (n_images, >= max(n_forward, n_total))
     X_backprop : ndarray, shape (n_images, >= n_backprop)
-    Y : ndarray, shape (n_images, n_targets)
-    alphas : array-like
     n_forward, n_backprop, n_total : int
         Dimensions of the two blocks and of the forward-only comparison (paper: 150, 150, 300).
+
+    Returns
+    -------
+    joint : ndarray (n_images, n_forward + n_backprop); forward : ndarray (n_images, n_total)
+    """
+    X_forward, X_backprop = np.asarray(X_forward), np.asarray(X_backprop)
+    for name, arr, need in (("X_forward", X_forward, max(n_forward, n_total)), ("X_backprop", X_backprop, n_backprop)):
+        if arr.ndim != 2 or arr.shape[1] < need:
+            raise ValueError(f"{name} must be 2-D with at least {need} columns, got shape {arr.shape}")
+    if X_forward.shape[0] != X_backprop.shape[0]:
+        raise ValueError(f"X_forward and X_backprop must have the same rows: "
+                         f"{X_forward.shape[0]} != {X_backprop.shape[0]}")
+    return np.concatenate([X_forward[:, :n_forward], X_backprop[:, :n_backprop]], axis=1), X_forward[:, :n_total]
+
+
+def residual_scores(X_forward, X_backprop, Y, alphas, n_forward: int = 150, n_backprop: int = 150,
+                    n_total: int = 300, **kwargs) -> ResidualResult:
+    """Residual backprop score per target (paper section 2.2, "Encoding of residual Backpropagation").
+
+    ``R(forward[:, :n_forward] ++ backprop[:, :n_backprop]) - R(forward[:, :n_total])`` (designs of
+    :func:`residual_inputs`), R the split-averaged encoding score, both encodings with the same splits.
+    The one implementation of the residual (:mod:`brainprop.scoring` and the residual test of
+    :func:`brainprop.stats.residual_permutation_test` use it).
+
+    Parameters
+    ----------
+    X_forward, X_backprop, n_forward, n_backprop, n_total
+        As in :func:`residual_inputs`.
+    Y : ndarray, shape (n_images, n_targets)
+    alphas : array-like
     **kwargs
         Passed to :func:`cross_validated_ridge` (n_splits, seed, inner_cv, device, ...).
 
@@ -696,13 +730,9 @@ def residual_scores(X_forward, X_backprop, Y, alphas, n_forward: int = 150, n_ba
     -------
     ResidualResult
     """
-    X_forward, X_backprop = np.asarray(X_forward), np.asarray(X_backprop)
-    for name, arr, need in (("X_forward", X_forward, max(n_forward, n_total)), ("X_backprop", X_backprop, n_backprop)):
-        if arr.ndim != 2 or arr.shape[1] < need:
-            raise ValueError(f"{name} must be 2-D with at least {need} columns, got shape {arr.shape}")
-    joint = cross_validated_ridge(np.concatenate([X_forward[:, :n_forward], X_backprop[:, :n_backprop]], axis=1),
-                                  Y, alphas, **kwargs)
-    forward = cross_validated_ridge(X_forward[:, :n_total], Y, alphas, **kwargs)
+    joint_X, forward_X = residual_inputs(X_forward, X_backprop, n_forward, n_backprop, n_total)
+    joint = cross_validated_ridge(joint_X, Y, alphas, **kwargs)
+    forward = cross_validated_ridge(forward_X, Y, alphas, **kwargs)
     return ResidualResult(residual=joint.mean_scores - forward.mean_scores, joint=joint, forward=forward)
 
 

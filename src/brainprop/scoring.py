@@ -12,10 +12,12 @@ R is the split-averaged Pearson r of :func:`brainprop.encoding.cross_validated_r
 fMRI targets are vertices (their index among the 2 x V fsaverage vertices, lh then rh);
 MEG targets are (channel, time) pairs, channel-averaged for the time courses.
 
-Statistics: fMRI, a per-vertex permutation null (``encoding.permutation``) with BH-FDR across
-vertices for the three fitted signals; MEG, the paper's one-sample one-tailed t-test across
-subjects per time point with BH-FDR across time points (:func:`group_meg`), for all four
-signals including the residual.
+Statistics: fMRI, a per-vertex permutation null (``encoding.permutation``, per target or pooled
+over ``encoding.pooled_targets``) with BH-FDR across vertices for the three fitted signals, and the
+residual's own test (``encoding.residual``: backprop's part unexplained by forward permuted, at the
+last layer by default); MEG, the paper's one-sample one-tailed t-test across subjects per time point
+with BH-FDR across time points (:func:`group_meg`), for all four signals including the residual.
+See docs/statistics.md, sections 7 and 8.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ from tqdm.auto import tqdm
 
 from brainprop.analysis import course_statistics
 from brainprop.brain.align import reorder_rows
-from brainprop.encoding import cross_validated_ridge
+from brainprop.encoding import ResidualResult, cross_validated_ridge, residual_inputs, residual_scores
 from brainprop.simulate.effects import layer_depths
-from brainprop.stats import fdr_bh, permutation_test, pooled_permutation_pvalues
+from brainprop.stats import fdr_bh, permutation_test, pooled_null_pvalues, residual_permutation_test
 from brainprop.utils import get_logger, save_npy_atomic, save_parquet_atomic
 
 log = get_logger(__name__)
@@ -53,38 +55,77 @@ def load_features(feature_dir: str | os.PathLike, layers: Sequence[str], image_i
             for layer in layers for sig in ("forward", "backprop")}
 
 
+def engine_kwargs(encoding: dict, seed: int) -> dict:
+    """Keyword arguments of :func:`brainprop.encoding.cross_validated_ridge` from the ``encoding`` config."""
+    return dict(n_splits=encoding["n_splits"], seed=seed, inner_cv=encoding["inner_cv"],
+                standardize=encoding["standardize"], dtype=encoding["dtype"],
+                memory_budget=int(encoding["memory_budget_mb"] * 2**20), progress=False)
+
+
+def signal_pvalues(X, Y, observed, encoding: dict, seed: int, permutation_seed: int) -> np.ndarray:
+    """Permutation p-values (n_targets,) of one fitted signal, as the ``encoding`` config asks:
+    ``permutation.null_distribution`` per_target (``permutation.n`` shuffles of every target) or pooled
+    (``permutation.n`` shuffles of ``pooled_targets`` targets, :func:`brainprop.stats.pooled_null_pvalues`)."""
+    perm = encoding["permutation"]
+    alphas, kw = alphas_from_config(encoding), engine_kwargs(encoding, seed)
+    if perm["null_distribution"] == "pooled":
+        return pooled_null_pvalues(X, Y, alphas, observed, perm["n"], encoding["pooled_targets"],
+                                   permutation_seed, **kw)
+    return permutation_test(X, Y, alphas, n_permutations=perm["n"], method=perm["method"],
+                            permutation_seed=permutation_seed, observed=observed, **kw).pvalues
+
+
+def residual_pvalues(fwd, bwd, Y, observed: ResidualResult, encoding: dict, dim: int, residual_dim: int, seed: int,
+                     permutation_seed: int) -> np.ndarray:
+    """p-values (n_targets,) of the residual backprop (:func:`brainprop.stats.residual_permutation_test`,
+    ``residual.n`` permutations; ``residual.pvalues`` empirical or gaussian)."""
+    test = residual_permutation_test(fwd, bwd, Y, alphas_from_config(encoding), residual_dim, residual_dim, dim,
+                                     encoding["residual"]["n"], permutation_seed, observed,
+                                     **engine_kwargs(encoding, seed))
+    return test.pvalues_gaussian if encoding["residual"]["pvalues"] == "gaussian" else test.pvalues
+
+
+def residual_layers(layers: Sequence[str], which: str) -> list[str]:
+    """Layers whose residual is tested: ``last`` (the deepest, all that the figures show) or ``all``."""
+    if which not in ("last", "all"):
+        raise ValueError(f"encoding.residual.layers must be 'last' or 'all', got {which!r}")
+    return list(layers) if which == "all" else list(layers[-1:])
+
+
 def score_subject(features: dict, layers: Sequence[str], Y: np.ndarray, encoding: dict, dim: int,
-                  residual_dim: int, seed: int, permutations: int = 0) -> dict[str, np.ndarray]:
+                  residual_dim: int, seed: int, permutations: bool = False) -> dict[str, np.ndarray]:
     """Encode ``Y`` (n_images, n_targets) from every layer and signal.
 
     Returns arrays ``scores`` (L, 4, T) split-averaged r (residual included), ``split_scores``
-    (L, 3, S, T), ``alphas`` (L, 3, S, T) and, with ``permutations > 0``, ``pvalues`` (L, 3, T)
-    (NaN otherwise).
+    (L, 3, S, T), ``alphas`` (L, 3, S, T) and ``pvalues`` (L, 4, T): with ``permutations``, the three
+    fitted signals' permutation p-values (:func:`signal_pvalues`) and the residual's own test
+    (:func:`residual_pvalues`) at the layers of ``encoding.residual.layers`` (``residual.n > 0``);
+    NaN elsewhere.
     """
-    alphas = alphas_from_config(encoding)
-    kw = dict(n_splits=encoding["n_splits"], seed=seed, inner_cv=encoding["inner_cv"],
-              standardize=encoding["standardize"], dtype=encoding["dtype"],
-              memory_budget=int(encoding["memory_budget_mb"] * 2**20), progress=False)
+    alphas, kw = alphas_from_config(encoding), engine_kwargs(encoding, seed)
     n_layers, n_targets, n_splits = len(layers), Y.shape[1], encoding["n_splits"]
     out = {"scores": np.full((n_layers, 4, n_targets), np.nan, np.float32),
            "split_scores": np.full((n_layers, 3, n_splits, n_targets), np.nan, np.float32),
            "alphas": np.full((n_layers, 3, n_splits, n_targets), np.nan, np.float32),
-           "pvalues": np.full((n_layers, 3, n_targets), np.nan, np.float32)}
+           "pvalues": np.full((n_layers, 4, n_targets), np.nan, np.float32)}
+    tested = residual_layers(layers, encoding["residual"]["layers"]) if encoding["residual"]["n"] else []
     for li, layer in enumerate(tqdm(layers, desc="encoding", unit="layer")):
         fwd, bwd = features[(layer, "forward")], features[(layer, "backprop")]
-        inputs = {"forward": fwd[:, :dim], "backprop": bwd[:, :dim],
-                  "forward+backprop": np.concatenate([fwd[:, :residual_dim], bwd[:, :residual_dim]], axis=1)}
+        res = residual_scores(fwd, bwd, Y, alphas, residual_dim, residual_dim, dim, **kw)
+        fits = {"forward": (fwd[:, :dim], res.forward),
+                "backprop": (bwd[:, :dim], cross_validated_ridge(bwd[:, :dim], Y, alphas, **kw)),
+                "forward+backprop": (residual_inputs(fwd, bwd, residual_dim, residual_dim, dim)[0], res.joint)}
         for si, signal in enumerate(FITTED):
-            res = cross_validated_ridge(inputs[signal], Y, alphas, **kw)
-            out["split_scores"][li, si], out["alphas"][li, si] = res.scores, res.alphas
-            out["scores"][li, si] = res.mean_scores
+            X, fit = fits[signal]
+            out["split_scores"][li, si], out["alphas"][li, si] = fit.scores, fit.alphas
+            out["scores"][li, si] = fit.mean_scores
             if permutations:
-                perm = permutation_test(inputs[signal], Y, alphas, n_permutations=permutations,
-                                        method=encoding["permutation"]["method"],
-                                        permutation_seed=seed + 1 + li * 3 + si, observed=res.mean_scores, **kw)
-                pooled = encoding["permutation"]["null_distribution"] == "pooled"
-                out["pvalues"][li, si] = pooled_permutation_pvalues(perm.observed, perm.null) if pooled else perm.pvalues
-        out["scores"][li, 3] = out["scores"][li, 2] - out["scores"][li, 0]
+                out["pvalues"][li, si] = signal_pvalues(X, Y, fit.mean_scores, encoding, seed,
+                                                        seed + 1 + li * 4 + si)
+        out["scores"][li, 3] = res.residual
+        if permutations and layer in tested:
+            out["pvalues"][li, 3] = residual_pvalues(fwd, bwd, Y, res, encoding, dim, residual_dim, seed,
+                                                     seed + 4 + li * 4)
     return out
 
 
@@ -97,14 +138,12 @@ def _tidy(arrays: dict, layers: Sequence[str], targets: pd.DataFrame, keys: dict
             df = targets.copy()
             df["layer"], df["layer_depth"], df["signal"] = layer, depths[li], signal
             df["score"] = arrays["scores"][li, si]
-            if si < 3:
-                df["alpha"] = np.nanmedian(arrays["alphas"][li, si], axis=0) if np.isfinite(
-                    arrays["alphas"][li, si]).any() else np.nan
-                p = arrays["pvalues"][li, si].astype(np.float64)
-                reject, p_fdr = fdr_bh(p, q) if np.isfinite(p).any() else (np.zeros(len(p), bool), p)
-                df["pvalue"], df["pvalue_fdr"], df["significant"] = p, p_fdr, reject
-            else:
-                df["alpha"], df["pvalue"], df["pvalue_fdr"], df["significant"] = np.nan, np.nan, np.nan, False
+            fitted = si < 3
+            alpha = arrays["alphas"][li, si] if fitted else None
+            df["alpha"] = np.nanmedian(alpha, axis=0) if fitted and np.isfinite(alpha).any() else np.nan
+            p = arrays["pvalues"][li, si].astype(np.float64)
+            reject, p_fdr = fdr_bh(p, q) if np.isfinite(p).any() else (np.zeros(len(p), bool), p)
+            df["pvalue"], df["pvalue_fdr"], df["significant"] = p, p_fdr, reject
             frames.append(df)
     table = pd.concat(frames, ignore_index=True)
     for k, v in reversed(list(keys.items())):
@@ -123,8 +162,8 @@ def encode_nsd_subject(feature_dir, layers, betas, images, mask, out_dir, encodi
         raise ValueError(f"{betas}: shape {Y.shape}, expected ({len(image_ids)} images, {len(vertices)} kept vertices)")
     features = load_features(feature_dir, layers, image_ids)
     perm = encoding["permutation"]
-    n_perm = perm["n"] if "nsd" in perm["modalities"] else 0
-    arrays = score_subject(features, layers, Y, encoding, dim, residual_dim, seed, n_perm)
+    tested = perm["n"] > 0 and "nsd" in perm["modalities"]
+    arrays = score_subject(features, layers, Y, encoding, dim, residual_dim, seed, tested)
     return _write(arrays, layers, pd.DataFrame({"vertex": vertices}), keys | {"modality": "fmri"}, out_dir,
                   encoding["fdr_q"])
 
@@ -143,9 +182,9 @@ def encode_meg_subject(feature_dir, layers, data, images, times, out_dir, encodi
         raise ValueError(f"{data}: shape {X.shape} does not match {len(table)} images in {images} and {len(t)} times")
     features = load_features(feature_dir, layers, table.image_id.to_numpy())
     perm = encoding["permutation"]
-    n_perm = perm["n"] if "meg" in perm["modalities"] else 0
+    tested = perm["n"] > 0 and "meg" in perm["modalities"]
     arrays = score_subject(features, layers, np.asarray(X).reshape(n_img, n_ch * n_t), encoding, dim,
-                           residual_dim, seed, n_perm)
+                           residual_dim, seed, tested)
     channels = meta.get("channels", [str(c) for c in range(n_ch)])
     targets = pd.DataFrame({"channel": np.repeat(channels, n_t), "time": np.tile(t, n_ch)})
     return _write(arrays, layers, targets, keys | {"modality": "meg"}, out_dir, encoding["fdr_q"])
@@ -181,7 +220,8 @@ def group_meg(score_tables: Sequence[str | os.PathLike], out: str | os.PathLike,
 
 def group_fmri(score_tables: Sequence[str | os.PathLike], out: str | os.PathLike) -> pd.DataFrame:
     """Rule entry point: per (layer, signal, vertex) the across-subject mean score and the number of subjects
-    in which the vertex is significant (permutation + FDR) and in which it was analysed."""
+    in which the vertex is significant (permutation + FDR; the residual by its own test, NaN p-values and
+    never significant at untested layers) and in which it was analysed."""
     per_subject = pd.concat([pd.read_parquet(p, columns=["subject", "model", "checkpoint", "layer", "layer_depth",
                                                           "signal", "vertex", "score", "significant"])
                              for p in score_tables])

@@ -1,7 +1,10 @@
 """Statistics of encoding scores (paper section 2.1, "Statistics").
 
 * fMRI: per-vertex permutation null of the split-averaged Pearson r (paper: 1000 shuffles),
-  empirical p-values with the +1 correction, Benjamini-Hochberg FDR over vertices.
+  empirical p-values with the +1 correction, Benjamini-Hochberg FDR over vertices; or a null
+  pooled over many shuffles of a subset of vertices (the demo, :func:`pooled_null_pvalues`).
+* fMRI residual backprop: its own test, backprop's part unexplained by forward permuted
+  (:func:`residual_permutation_test`).
 * MEG: per time point, one-sample one-tailed t-test across subjects of the channel-averaged
   score, Benjamini-Hochberg FDR over time points.
 
@@ -120,13 +123,16 @@ def pooled_permutation_pvalues(observed, null) -> np.ndarray:
     Parameters
     ----------
     observed : ndarray, shape (n_targets,)
-    null : ndarray, shape (n_permutations, n_targets)
+    null : ndarray, shape (n_permutations, n_pool)
+        Null scores of any targets sharing the null (all targets, or a subset: :func:`pooled_null_pvalues`).
 
     Returns
     -------
     ndarray, shape (n_targets,), float64
     """
-    observed, null = _observed_and_null(observed, null)
+    observed, null = np.asarray(observed, dtype=np.float64), np.asarray(null, dtype=np.float64)
+    if observed.ndim != 1 or null.ndim != 2:
+        raise ValueError(f"observed must be 1-D and null 2-D, got shapes {observed.shape} and {null.shape}")
     pool = np.sort(null[np.isfinite(null)])
     exceed = pool.size - np.searchsorted(pool, observed, side="left")
     p = (1.0 + exceed) / (pool.size + 1.0)
@@ -135,13 +141,16 @@ def pooled_permutation_pvalues(observed, null) -> np.ndarray:
 
 
 def gaussian_tail_pvalues(observed, null) -> np.ndarray:
-    """Parametric (Gaussian-tail) permutation p-values: NOT the paper's method, an alternative.
+    """Parametric (Gaussian) permutation p-values: NOT the paper's method, an alternative.
 
-    Fits a normal distribution to each target's permutation null (mean, SD with ddof=1) and
-    returns its upper tail at the observed score, ``p = 1 - Phi((r_obs - mean) / sd)``. Unlike
-    :func:`permutation_pvalues` these are not floored at ``1/(N+1)``, which is what BH-FDR over
-    hundreds of thousands of vertices needs; they rely on the null of a split-averaged r over
-    many held-out images being close to Gaussian (see docs/statistics.md).
+    Treats each target's ``N`` null scores and its observed score as ``N + 1`` draws of one normal
+    distribution of unknown mean and SD, and returns the predictive tail
+    ``p = 1 - F_{N-1}((r_obs - mean) / (sd * sqrt(1 + 1/N)))`` with ``F_{N-1}`` the Student t CDF
+    (mean, SD with ddof=1 of the null): exact when the null is Gaussian, whatever ``N``, and the normal
+    tail ``1 - Phi((r_obs - mean) / sd)`` for large ``N``. Unlike :func:`permutation_pvalues` these
+    are not floored at ``1/(N+1)``; they rely on the null of a split-averaged r over many held-out
+    images being close to Gaussian (its tails are lighter than Gaussian, which makes the far tail
+    conservative; see docs/statistics.md).
 
     Parameters
     ----------
@@ -160,8 +169,9 @@ def gaussian_tail_pvalues(observed, null) -> np.ndarray:
     nz = np.where(finite, null, 0.0)
     mu[valid] = nz[:, valid].sum(0) / count[valid]
     sd[valid] = np.sqrt((np.where(finite, null - mu, 0.0)[:, valid] ** 2).sum(0) / (count[valid] - 1))
+    df = np.maximum(count - 1, 1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        p = sps.norm.sf((observed - mu) / sd)
+        p = sps.t.sf((observed - mu) / (sd * np.sqrt(1.0 + 1.0 / np.maximum(count, 1))), df)
     p[~(sd > 0)] = np.nan
     return p
 
@@ -248,6 +258,162 @@ def permutation_test(X, Y, alphas, n_permutations: int = 1000, method: str = "re
                              method=method)
 
 
+def pooled_null_pvalues(X, Y, alphas, observed, n_permutations: int, n_pool_targets: int | None = None,
+                        permutation_seed: int = 0, **encoding_kwargs) -> np.ndarray:
+    """Pooled-null p-values from ``N`` refit shuffles of a seeded random subset of the targets.
+
+    Every target's observed score is ranked (:func:`pooled_permutation_pvalues`) against the refit
+    null (:func:`permutation_test`, ``method="refit"``) of ``S = n_pool_targets`` targets drawn at
+    random (seeded by ``permutation_seed``), so ``p >= 1 / (N S + 1)`` at the cost of ``N S`` target
+    fits. What calibrates a pooled null is the number of shuffles ``N``, not ``N S``: targets that
+    share latent factors (neighbouring vertices) make one shuffle of all targets one draw of a
+    correlated field, and the observed field is one more draw; a pool of many shuffles of a few
+    targets averages over field draws (docs/statistics.md, "Calibration under correlated nulls").
+
+    Parameters
+    ----------
+    X : ndarray, shape (n_images, n_features)
+    Y : ndarray or memmap, shape (n_images, n_targets)
+    alphas : array-like
+    observed : ndarray, shape (n_targets,)
+        Split-averaged scores of the unshuffled data (``cross_validated_ridge(...).mean_scores`` with
+        the same ``encoding_kwargs``); NaN gives a NaN p-value.
+    n_permutations : int
+        Shuffles ``N`` of the pooled subset.
+    n_pool_targets : int or None
+        Targets ``S`` in the pool; None (or more than there are): all targets.
+    permutation_seed : int
+        Seed of the subset and of the shuffles.
+    **encoding_kwargs
+        As in :func:`permutation_test`.
+
+    Returns
+    -------
+    ndarray, shape (n_targets,), float64
+    """
+    observed = np.asarray(observed, dtype=np.float64)
+    n_targets = np.shape(Y)[1]
+    if observed.shape != (n_targets,):
+        raise ValueError(f"observed must have shape ({n_targets},), got {observed.shape}")
+    if n_pool_targets is None or n_pool_targets >= n_targets:
+        cols = np.arange(n_targets)
+    else:
+        if int(n_pool_targets) < 1:
+            raise ValueError(f"n_pool_targets must be >= 1 or None, got {n_pool_targets}")
+        cols = np.sort(np.random.default_rng(permutation_seed).choice(n_targets, int(n_pool_targets), replace=False))
+    Ys = Y if len(cols) == n_targets else np.asarray(Y[:, cols])
+    res = permutation_test(X, Ys, alphas, n_permutations=n_permutations, method="refit",
+                           permutation_seed=permutation_seed, observed=observed[cols], **encoding_kwargs)
+    return pooled_permutation_pvalues(observed, res.null)
+
+
+@dataclass
+class ResidualTest:
+    """Permutation test of the residual backprop score of each target.
+
+    Attributes
+    ----------
+    observed : ndarray (n_targets,)
+        Residual ``R(forward_r ++ backprop_r) - R(forward_d)`` of the data (NaN for invalid targets).
+    null : ndarray (n_permutations, n_targets)
+        The same difference with backprop's part that forward does not explain permuted over images.
+    pvalues : ndarray (n_targets,)
+        Empirical ``(1 + #{null >= observed}) / (N + 1)``.
+    pvalues_gaussian : ndarray (n_targets,)
+        Gaussian predictive p-values of the same null (:func:`gaussian_tail_pvalues`).
+    """
+
+    observed: np.ndarray
+    null: np.ndarray
+    pvalues: np.ndarray
+    pvalues_gaussian: np.ndarray
+
+
+def backprop_null_designs(X_forward, X_backprop, n_forward: int, n_backprop: int, n_total: int,
+                          permutations):
+    """Joint designs of the residual's null, one per permutation: ``forward_r ++ B*`` with
+    ``B* = F C + E[perm]``, where ``F C`` is the least-squares fit (with intercept) of
+    ``backprop[:, :n_backprop]`` on ``forward[:, :n_total]`` and ``E`` its residual.
+
+    Keeping ``F C`` keeps everything backprop shares linearly with forward (including forward's
+    components beyond ``n_forward`` that the joint model would otherwise lack); permuting ``E``
+    breaks any relation of the rest of backprop with the brain data. Under "backprop carries nothing
+    beyond forward" the data's joint design is one more draw of this family (conditional permutation,
+    as Freedman-Lane do for a nuisance covariate); when backprop is not correlated with forward it is
+    simply a shuffle of backprop's rows.
+
+    Parameters
+    ----------
+    X_forward, X_backprop, n_forward, n_backprop, n_total
+        As in :func:`brainprop.encoding.residual_inputs`.
+    permutations : ndarray, shape (n_permutations, n_images)
+
+    Yields
+    ------
+    ndarray, shape (n_images, n_forward + n_backprop), float64
+    """
+    joint, forward = encoding.residual_inputs(X_forward, X_backprop, n_forward, n_backprop, n_total)
+    n = forward.shape[0]
+    if n <= n_total + 1:
+        raise ValueError(f"the residual test regresses backprop on {n_total} forward components: it needs more "
+                         f"than {n_total + 1} images, got {n}")
+    design = np.column_stack([np.ones(n), forward]).astype(np.float64)
+    backprop = joint[:, n_forward:].astype(np.float64)
+    fitted = design @ np.linalg.lstsq(design, backprop, rcond=None)[0]
+    rest = backprop - fitted
+    head = joint[:, :n_forward].astype(np.float64)
+    for perm in permutations:
+        yield np.concatenate([head, fitted + rest[perm]], axis=1)
+
+
+def residual_permutation_test(X_forward, X_backprop, Y, alphas, n_forward: int = 150, n_backprop: int = 150,
+                              n_total: int = 300, n_permutations: int = 1000, permutation_seed: int = 0,
+                              observed: encoding.ResidualResult | None = None,
+                              **encoding_kwargs) -> ResidualTest:
+    """Per-target test of "backprop adds nothing beyond forward" for the residual backprop score.
+
+    The statistic is the residual itself, ``R(forward_r ++ backprop_r) - R(forward_d)``
+    (:func:`brainprop.encoding.residual_scores`); its null refits the joint model on the designs of
+    :func:`backprop_null_designs` (the brain data and the forward-only model are untouched, so
+    ``R(forward_d)`` is fitted once). Selecting vertices by this test, rather than by the significance
+    of the joint model, does not pick up vertices that forward alone explains.
+
+    Parameters
+    ----------
+    X_forward, X_backprop, n_forward, n_backprop, n_total
+        As in :func:`brainprop.encoding.residual_inputs` (paper: 150, 150, 300).
+    Y : ndarray or memmap, shape (n_images, n_targets)
+    alphas : array-like
+    n_permutations : int
+        Permutations ``N`` of backprop's unexplained part (one joint refit of all targets each).
+    permutation_seed : int
+    observed : ResidualResult, optional
+        :func:`brainprop.encoding.residual_scores` of the same data and ``encoding_kwargs`` (saves
+        its two fits).
+    **encoding_kwargs
+        As in :func:`brainprop.encoding.cross_validated_ridge`.
+
+    Returns
+    -------
+    ResidualTest
+    """
+    if int(n_permutations) < 1:
+        raise ValueError(f"n_permutations must be >= 1, got {n_permutations}")
+    if observed is None:
+        observed = encoding.residual_scores(X_forward, X_backprop, Y, alphas, n_forward, n_backprop, n_total,
+                                            **encoding_kwargs)
+    forward = observed.forward.mean_scores.astype(np.float64)
+    perms = encoding.row_permutations(np.shape(Y)[0], int(n_permutations), permutation_seed)
+    null = np.full((len(perms), len(forward)), np.nan)
+    designs = backprop_null_designs(X_forward, X_backprop, n_forward, n_backprop, n_total, perms)
+    for k, X in enumerate(designs):
+        null[k] = encoding.cross_validated_ridge(X, Y, alphas, **encoding_kwargs).mean_scores - forward
+    obs = observed.residual.astype(np.float64)
+    obs[observed.joint.invalid] = np.nan
+    return ResidualTest(observed=obs, null=null, pvalues=permutation_pvalues(obs, null),
+                        pvalues_gaussian=gaussian_tail_pvalues(obs, null))
+
+
 @dataclass
 class TimeResolvedTest:
     """One-sample one-tailed t-test across subjects at each time point, with BH-FDR over time.
@@ -301,5 +467,6 @@ def ttest_across_subjects(scores, q: float = 0.05) -> TimeResolvedTest:
     return TimeResolvedTest(t=t, pvalues=p, pvalues_fdr=p_fdr, significant=significant)
 
 
-__all__ = ["fdr_bh", "permutation_pvalues", "gaussian_tail_pvalues", "permutation_test", "PermutationResult",
-           "ttest_across_subjects", "TimeResolvedTest", "PERMUTATION_METHODS"]
+__all__ = ["fdr_bh", "permutation_pvalues", "pooled_permutation_pvalues", "gaussian_tail_pvalues", "permutation_test",
+           "PermutationResult", "pooled_null_pvalues", "backprop_null_designs", "residual_permutation_test",
+           "ResidualTest", "ttest_across_subjects", "TimeResolvedTest", "PERMUTATION_METHODS"]
