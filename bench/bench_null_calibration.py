@@ -23,23 +23,13 @@ import argparse
 import time
 
 import torch
-import yaml
 from scipy import stats as sps
 
-from brainprop.config import resolve_config
+from brainprop.config import resolve_config, set_key
 from brainprop.encoding import cross_validated_ridge, residual_scores
 from brainprop.scoring import alphas_from_config, engine_kwargs, residual_pvalues, signal_pvalues
 from brainprop.simulate.nulls import correlated_null, forward_encoded_null
 from brainprop.stats import fdr_bh
-
-
-def _set(encoding: dict, item: str) -> None:
-    key, value = item.split("=", 1)
-    *path, last = key.split(".")
-    node = encoding
-    for k in path:
-        node = node[k]
-    node[last] = yaml.safe_load(value)
 
 
 def main() -> None:
@@ -56,7 +46,7 @@ def main() -> None:
     cfg = resolve_config(args.configfile)
     enc = cfg["encoding"]
     for item in args.set:
-        _set(enc, item)
+        set_key(enc, item)
     dim = args.dim or cfg["features"]["pca"]["dim"]
     q = enc["fdr_q"]
     print(f"permutation={enc['permutation']} pooled_targets={enc['pooled_targets']} residual={enc['residual']}")

@@ -1,6 +1,6 @@
 """How informative are the image-wise teacher targets of the demo's checkpoints?
 
-Trains the demo model (``training:`` of config/config.yaml, with optional overrides) on the demo
+Trains the demo model (the demo's resolved ``training:`` section, with optional overrides) on the demo
 stimulus tables, then reports per checkpoint the mean ``target_entropy / ln K`` of the teacher CLS
 targets of the THINGS demo images, for the bank Sinkhorn (default centering) and the softmax with the
 stored EMA center, plus the training time. Needs the demo stimulus tables:
@@ -19,24 +19,15 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import yaml
 
+from brainprop.config import resolve_config, set_key
 from brainprop.features import training_images
-from brainprop.models import ImageWiseDinoLoss, load_checkpoint, run_training
-
-
-def _override(cfg: dict, assignment: str) -> None:
-    key, value = assignment.split("=", 1)
-    *parents, leaf = key.split(".")
-    node = cfg
-    for p in parents:
-        node = node[p]
-    node[leaf] = yaml.safe_load(value)
+from brainprop.models import ImageWiseDinoLoss, load_checkpoint, train_dino
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="config/config.yaml")
+    ap.add_argument("--configfile", nargs="*", default=None, help="overlays over config/base.yaml (default: demo)")
     ap.add_argument("--results", default="results")
     ap.add_argument("--out", default="results/bench/target_entropy")
     ap.add_argument("--set", action="append", default=[], help="training override, e.g. optim.lr=0.002")
@@ -45,10 +36,10 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="evaluate the checkpoints already in --out")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    config = yaml.safe_load(Path(args.config).read_text())
+    config = resolve_config(args.configfile)
     training = copy.deepcopy(config["training"])
     for a in args.set:
-        _override(training, a)
+        set_key(training, a)
     model = config["models"]["dinov3_s"]
     tables = [f"{args.results}/stimuli/{d}.parquet" for d in training["datasets"]]
     roots = [f"{args.results}/demo/stimuli/{d}" for d in training["datasets"]]
@@ -57,7 +48,12 @@ def main() -> None:
     paths = [out / f"checkpoint_it{it}.pt" for it in training["checkpoints"]]
     start = time.perf_counter()
     if not (args.reuse and all(p.is_file() for p in paths)):
-        run_training(tables, roots, model["image_size"], training, paths, seed=config["seed"], threads=1)
+        from torch.utils.data import ConcatDataset
+
+        from brainprop.stimuli import StimulusDataset
+
+        data = ConcatDataset([StimulusDataset(pd.read_parquet(t), r, model["image_size"]) for t, r in zip(tables, roots)])
+        train_dino(data, training, training["checkpoints"], paths, seed=config["seed"], device="cpu")
     train_s = time.perf_counter() - start
     bank = training_images(tables, roots, model["image_size"])
     things = training_images([f"{args.results}/stimuli/things.parquet"], [f"{args.results}/demo/stimuli/things"],

@@ -3,7 +3,7 @@
 Prints, in one table:
 
 * measured CPU training throughput (images/s, one full iteration: views, teacher forward, student
-  forward/backward, AdamW, EMA) of the demo model (``config/config.yaml`` training section) and of
+  forward/backward, AdamW, EMA) of the demo model (the demo run's resolved training section) and of
   ViT-S/16 at the paper's crops (2 x 224 + 8 x 96, heads with 65,536 prototypes) with a small batch;
 * measured CPU multi-crop view building (images/s on one core) at the paper's crops from a
   427 x 320 image (an ImageNet-sized image after the shorter-side bound of 320);
@@ -28,11 +28,10 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from torch.utils.data import Dataset
 
+from brainprop.config import resolve_config
 from brainprop.models import count_parameters, initial_checkpoint, make_views, resolve_training_config, train_segment
-from brainprop.models.dino import DEFAULT_TRAINING_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 PEAK_BF16 = 989e12  # dense bf16 FLOP/s, H100 SXM and H200 (same GH100 tensor cores; H200 adds memory)
@@ -54,13 +53,14 @@ class RandomImages(Dataset):
 
 
 def demo_config() -> dict:
-    training = yaml.safe_load((ROOT / "config/config.yaml").read_text())["training"]
-    return resolve_training_config(training)
+    """The demo run's training config (config/base.yaml + the demo overlay)."""
+    return resolve_training_config(resolve_config(workflow_dir=ROOT)["training"])
 
 
 def paper_config(batch_size: int) -> dict:
-    """The paper's training config (the defaults) with a benchmark batch size."""
-    return resolve_training_config({**DEFAULT_TRAINING_CONFIG, "batch_size": batch_size})
+    """The paper run's training config (config/base.yaml + config/paper.yaml) with a benchmark batch size."""
+    training = resolve_config([ROOT / "config/paper.yaml"], workflow_dir=ROOT)["training"]
+    return resolve_training_config({**training, "batch_size": batch_size})
 
 
 def cpu_images_per_s(cfg: dict, n_iterations: int, image_hw: tuple[int, int]) -> float:
@@ -113,8 +113,8 @@ def main() -> None:
 
     demo = demo_config()
     paper = paper_config(args.vit_batch)
-    batch = DEFAULT_TRAINING_CONFIG["batch_size"]
-    iterations = DEFAULT_TRAINING_CONFIG["iterations"]
+    method = resolve_config([ROOT / "config/paper.yaml"], workflow_dir=ROOT)["training"]
+    batch, iterations = method["batch_size"], method["iterations"]
     student = initial_checkpoint(paper, seed=0).student
     print(f"torch {torch.__version__}, {args.threads} CPU threads; paper student: {count_parameters(student) / 1e6:.1f} M "
           f"parameters ({count_parameters(student.backbone) / 1e6:.1f} M backbone)")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from brainprop.config import ConfigError, merge_config, resolve_config, validate_config
+from brainprop.config import ConfigError, merge_config, resolve_config, set_key, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / "workflow/schemas/config.schema.yaml"
@@ -79,6 +79,17 @@ def test_overlays_and_overrides_merge_in_order(tmp_path):
     local.parent.mkdir()
     local.write_text(DEMO.read_text() + "\nseed: 3\n")
     assert resolve_config(workflow_dir=ROOT, workdir=tmp_path)["seed"] == 3
+
+
+def test_set_key_sets_one_nested_value_and_names_unknown_keys():
+    cfg = demo_config()
+    set_key(cfg, "training.optim.lr=0.002")
+    set_key(cfg, "features.layers=[blocks.0.mlp.fc2]")
+    assert cfg["training"]["optim"]["lr"] == 0.002 and cfg["features"]["layers"] == ["blocks.0.mlp.fc2"]
+    with pytest.raises(KeyError, match="unknown key 'lrr'"):
+        set_key(cfg, "training.optim.lrr=1")
+    with pytest.raises(KeyError, match="'seed' is not a section"):
+        set_key(cfg, "seed.x=1")
 
 
 def test_schema_defaults_are_the_method_and_the_base_sets_every_key():

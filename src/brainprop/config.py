@@ -129,6 +129,21 @@ def merge_config(base: dict, overlay: Mapping) -> dict:
     return out
 
 
+def set_key(config: dict, assignment: str) -> None:
+    """Set one nested value in place from ``"a.b.c=VALUE"`` (VALUE parsed as YAML), e.g. a benchmark's
+    ``--set optim.lr=0.002``; an unknown key raises KeyError naming it."""
+    key, value = assignment.split("=", 1)
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+        if not isinstance(node.get(name), dict):
+            raise KeyError(f"{key}: {name!r} is not a section here")
+        node = node[name]
+    if leaf not in node:
+        raise KeyError(f"{key}: unknown key {leaf!r} (here: {', '.join(sorted(node))})")
+    node[leaf] = yaml.safe_load(value)
+
+
 def _load_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
