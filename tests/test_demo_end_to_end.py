@@ -1,5 +1,6 @@
 """A reduced embedded demo, end to end (``all_figures``), recovers the effects the simulator planted;
-a null variant (backprop weight 0 in both simulators) shows no residual backprop.
+a null variant (backprop weight 0 in both simulators, and forward weight 0 in the NSD one) shows no
+residual backprop and, in fMRI, no more significant vertices than the FDR level allows.
 
 Reduced: 100 training iterations, 3 checkpoints, 6 layers, a 2 x 2 robustness grid; otherwise the
 demo defaults (fsaverage5, 240 NSD and 240 THINGS images, 2 NSD and 3 MEG subjects, permutation
@@ -33,7 +34,7 @@ REDUCED = {
     "figures": {"stages": [0, 30, 100]},
     "robustness": {"projection_dims": [32, 64], "pca_dims": [8, 24]},
 }
-NULL = {"simulation": {"nsd": {"backprop_weight": 0.0}, "meg": {"backprop_weight": 0.0}}}
+NULL = {"simulation": {"nsd": {"forward_weight": 0.0, "backprop_weight": 0.0}, "meg": {"backprop_weight": 0.0}}}
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -66,7 +67,8 @@ def demo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def null_demo(demo, tmp_path_factory) -> Path:
-    """The same run with both backprop weights set to 0: only the simulation and what follows reruns."""
+    """The same run with both backprop weights and the NSD forward weight set to 0: only the simulation and
+    what follows reruns."""
     workdir = tmp_path_factory.mktemp("null") / "demo"
     shutil.copytree(demo, workdir, symlinks=True)
     _setup(workdir, _merge(REDUCED, NULL))
@@ -113,6 +115,28 @@ def _dry_run(workdir: Path, *args: str) -> str:
                           *args, "-n"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     return run.stdout + run.stderr
+
+
+def test_image_wise_targets_carry_the_images_content(demo):
+    """Every checkpoint's extraction writes its losses table; at the last checkpoint the teacher's targets
+    are clearly below the uniform entropy ln K (the image-wise loss is not a push toward uniform)."""
+    for checkpoint in ("it0", "it30", FINAL):
+        for dataset in ("things", "nsd"):
+            raw = demo / f"results/features/dinov3_s/{checkpoint}/{dataset}/raw"
+            losses = pd.read_parquet(raw / "losses.parquet")
+            assert losses.image_id.tolist() == pd.read_parquet(raw / "index.parquet").image_id.tolist()
+            assert np.isfinite(losses[["loss", "target_entropy"]].to_numpy()).all()
+            assert (losses.log_k == np.log(64)).all()
+    final = pd.read_parquet(demo / f"results/features/dinov3_s/{FINAL}/things/raw/losses.parquet")
+    first = pd.read_parquet(demo / "results/features/dinov3_s/it0/things/raw/losses.parquet")
+    ratio = lambda t: (t.target_entropy / t.log_k).mean()  # noqa: E731
+    assert ratio(final) < 0.9 and ratio(final) < ratio(first)
+
+
+def test_training_ran_in_resumable_segments(demo):
+    for end in (30, 100):
+        log = pd.read_parquet(demo / f"results/training/dinov3_s/log_it{end}.parquet")
+        assert log.iteration.tolist() == list(range({30: 0, 100: 30}[end], end))
 
 
 def test_rebuilding_one_figure_is_a_no_op_on_a_finished_run(demo):
@@ -175,3 +199,19 @@ def test_null_variant_has_no_residual_backprop(demo, null_demo):
     assert planted[planted["signal"] == "residual"]["significant"].any()
     # fMRI: the planted run's residual grows with distance from V1; in the null it does not
     assert _residual_vs_distance(null_demo).r < 0.3 < _residual_vs_distance(demo).r
+
+
+def test_fmri_null_end_to_end_stays_within_the_fdr_level(demo, null_demo):
+    """NSD simulated with forward and backprop weights 0: the whole workflow finds (almost) nothing. Under
+    the complete null BH keeps the chance of any rejection at or below q; we allow at most q of the
+    vertices per (subject, layer, signal), and require that most such cells reject nothing."""
+    q = 0.05
+    rows = []
+    for subject in (1, 2):
+        scores = pd.read_parquet(null_demo / f"results/encoding/fmri/dinov3_s/{FINAL}/subj{subject:02d}/scores.parquet")
+        rows.append(scores.groupby(["layer", "signal"])["significant"].mean())
+    shares = pd.concat(rows)
+    assert shares.max() <= q, shares.sort_values().tail()
+    assert (shares == 0).mean() >= 1 - 3 * q, shares.sort_values().tail()
+    planted = pd.read_parquet(demo / f"results/encoding/fmri/dinov3_s/{FINAL}/subj01/scores.parquet")
+    assert planted.groupby("signal")["significant"].mean()["forward"] > 0.2
