@@ -112,6 +112,15 @@ def test_schema_defaults_are_the_method_and_the_base_sets_every_key():
     assert not differ, f"schema defaults that are not the method: {differ}"
 
 
+def test_the_library_defaults_are_the_method():
+    """brainprop.models' training and image-wise loss defaults repeat config/base.yaml (no second method)."""
+    from brainprop.models import DEFAULT_IMAGEWISE_LOSS_CONFIG, resolve_training_config
+
+    base = validate_config(_yaml(BASE), SCHEMA)
+    assert resolve_training_config(base["training"]) == resolve_training_config({})
+    assert base["models"]["dinov3_s"]["loss"] == DEFAULT_IMAGEWISE_LOSS_CONFIG
+
+
 # ----------------------------------------------------------------------------- validation
 
 
