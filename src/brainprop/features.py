@@ -137,7 +137,6 @@ class FeatureExtractor:
         forward_modules = dict(self.forward_network.named_modules())
         self.forward_modules = {name: forward_modules[name] for name in self.layers}
         self.n_prefix = int(getattr(loss.network, "num_prefix_tokens", 0)) if tokens == "patches" else 0
-        self.tokens = tokens
         self.last_losses = self.last_target_entropy = None
 
     def _projector(self, name: str, rows: int, cols: int, storage: str):
