@@ -3,6 +3,7 @@ import os
 from pathlib import Path
 
 from brainprop.config import resolve_config
+from brainprop.fmri_arrays import GROUP_ARRAYS as FMRI_GROUP_ARRAYS, SUBJECT_ARRAYS as FMRI_SUBJECT_ARRAYS
 
 # The run's configuration: base.yaml + overlays + --config, validated (brainprop.config.resolve_config).
 _resolved = resolve_config(workflow.overwrite_configfiles, dict(workflow.config_settings.config),
@@ -141,7 +142,25 @@ def brain_targets():
     )
 
 
-ENCODING_ARRAYS = ["scores", "split_scores", "alphas", "pvalues"]
+ENCODING_ARRAYS = ["scores", "split_scores", "alphas", "pvalues"]  # MEG subject folders (plus scores.parquet)
+
+
+def subject_result(modality, model, checkpoint, subject):
+    """A subject's encoding result: fMRI its folder's meta.json (arrays, brainprop.fmri_arrays), MEG its tidy table."""
+    if modality == "fmri":
+        return f"{RESULTS}/encoding/fmri/{model}/{checkpoint}/subj{int(subject):02d}/meta.json"
+    return f"{RESULTS}/encoding/meg/{model}/{checkpoint}/sub-BIGMEG{subject}/scores.parquet"
+
+
+def group_result(modality, model, checkpoint):
+    """Group statistics of a (model, checkpoint): fMRI the group folder's meta.json, MEG the tidy table."""
+    if modality == "fmri":
+        return f"{RESULTS}/encoding/fmri/{model}/{checkpoint}/group/meta.json"
+    return f"{RESULTS}/encoding/meg/{model}/{checkpoint}/group.parquet"
+
+
+def modality_subjects(modality):
+    return config["nsd"]["subjects"] if modality == "fmri" else config["meg"]["subjects"]
 
 
 def _pca_features(wildcards, dataset):
@@ -165,19 +184,17 @@ def encoding_keys(wildcards):
 
 
 def meg_subject_scores(wildcards):
-    return [f"{RESULTS}/encoding/meg/{wildcards.model}/{wildcards.checkpoint}/sub-BIGMEG{s}/scores.parquet"
-            for s in config["meg"]["subjects"]]
+    return [subject_result("meg", wildcards.model, wildcards.checkpoint, s) for s in config["meg"]["subjects"]]
 
 
 def fmri_subject_scores(wildcards):
-    return [f"{RESULTS}/encoding/fmri/{wildcards.model}/{wildcards.checkpoint}/subj{s:02d}/scores.parquet"
-            for s in config["nsd"]["subjects"]]
+    return [subject_result("fmri", wildcards.model, wildcards.checkpoint, s) for s in config["nsd"]["subjects"]]
 
 
 def encoding_targets():
     """Group statistics of every (modality, model, checkpoint)."""
-    return [f"{RESULTS}/encoding/{modality}/{m}/{c}/group.parquet"
-            for modality in ("fmri", "meg") for m in config["models"] for c in checkpoints_of(m)]
+    return [group_result(modality, m, c) for modality in ("fmri", "meg") for m in config["models"]
+            for c in checkpoints_of(m)]
 
 
 def training_tables(wildcards):

@@ -8,8 +8,9 @@ rule encode_nsd:
         images=rules.prepare_nsd.output.images,
         mask=rules.prepare_nsd.output.mask,
     output:
-        scores=f"{RESULTS}/encoding/fmri/{{model}}/{{checkpoint}}/subj{{subject}}/scores.parquet",
-        arrays=[f"{RESULTS}/encoding/fmri/{{model}}/{{checkpoint}}/subj{{subject}}/{name}.npy" for name in ENCODING_ARRAYS],
+        meta=f"{RESULTS}/encoding/fmri/{{model}}/{{checkpoint}}/subj{{subject}}/meta.json",
+        arrays=[f"{RESULTS}/encoding/fmri/{{model}}/{{checkpoint}}/subj{{subject}}/{name}.npy"
+                for name in FMRI_SUBJECT_ARRAYS],
     log:
         f"{RESULTS}/logs/encoding/fmri_{{model}}_{{checkpoint}}_subj{{subject}}.log",
     params:
@@ -64,9 +65,10 @@ rule group_meg:
 
 rule group_fmri:
     input:
-        scores=fmri_subject_scores,
+        subjects=fmri_subject_scores,
     output:
-        group=f"{RESULTS}/encoding/fmri/{{model}}/{{checkpoint}}/group.parquet",
+        meta=f"{RESULTS}/encoding/fmri/{{model}}/{{checkpoint}}/group/meta.json",
+        arrays=[f"{RESULTS}/encoding/fmri/{{model}}/{{checkpoint}}/group/{name}.npy" for name in FMRI_GROUP_ARRAYS],
     log:
         f"{RESULTS}/logs/encoding/fmri_{{model}}_{{checkpoint}}_group.log",
     script:

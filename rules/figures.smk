@@ -15,17 +15,14 @@ def final_checkpoint(model):
 
 
 def group_tables(modality, models, checkpoints=None):
-    """Group tables of (model, checkpoint) pairs: the given checkpoints, or each model's last."""
-    return [f"{RESULTS}/encoding/{modality}/{m}/{c}/group.parquet"
-            for m in models for c in (checkpoints or [final_checkpoint(m)])]
+    """Group results of (model, checkpoint) pairs: the given checkpoints, or each model's last."""
+    return [group_result(modality, m, c) for m in models for c in (checkpoints or [final_checkpoint(m)])]
 
 
 def subject_tables(modality, models, checkpoints=None):
-    """Per-subject score tables of (model, checkpoint) pairs (default: each model's last checkpoint)."""
-    folders = ([f"subj{s:02d}" for s in config["nsd"]["subjects"]] if modality == "fmri"
-               else [f"sub-BIGMEG{s}" for s in config["meg"]["subjects"]])
-    return [f"{RESULTS}/encoding/{modality}/{m}/{c}/{f}/scores.parquet"
-            for m in models for c in (checkpoints or [final_checkpoint(m)]) for f in folders]
+    """Per-subject results of (model, checkpoint) pairs (default: each model's last checkpoint)."""
+    return [subject_result(modality, m, c, s) for m in models for c in (checkpoints or [final_checkpoint(m)])
+            for s in modality_subjects(modality)]
 
 
 def figure_params(*keys, **extra):

@@ -597,11 +597,34 @@ def _figure_inputs(tmp_path, checkpoints=("it10",)):
         meg = pd.concat([_meg_group(times[[21, 23, 25, 27, 29]], times, "forward", ckpt),
                          _meg_group([0.4] * L, times, "backprop", ckpt)])
         meg["mean"] = scale * (meg["mean"] + 3 * np.exp(-0.5 * ((meg["time"] + 0.4) / 0.05) ** 2))
-        for name, table in (("fmri", group.assign(checkpoint=ckpt, mean=group["mean"] * scale)), ("meg", meg)):
-            path = tmp_path / f"{name}_{ckpt}.parquet"
-            table.to_parquet(path)
-            inputs[name].append(path)
+        inputs["fmri"].append(_write_group(group.assign(checkpoint=ckpt, mean=group["mean"] * scale), len(labels),
+                                           tmp_path / f"fmri_{ckpt}"))
+        meg.to_parquet(tmp_path / f"meg_{ckpt}.parquet")
+        inputs["meg"].append(tmp_path / f"meg_{ckpt}.parquet")
     return inputs, times
+
+
+def _write_group(table: pd.DataFrame, n_vertices: int, folder) -> Path:
+    """A tidy fMRI group table written as the group arrays of brainprop.fmri_arrays (the figures' input)."""
+    from brainprop.fmri_arrays import write_meta
+
+    layers = table.drop_duplicates("layer").sort_values("layer_depth")
+    signals = list(dict.fromkeys(table["signal"]))
+    shape = (len(layers), len(signals), n_vertices)
+    arrays = {"mean": np.full(shape, np.nan, np.float32), "n_significant": np.zeros(shape, np.uint8),
+              "n_subjects": np.zeros(shape, np.uint8)}
+    li = table["layer"].map({name: i for i, name in enumerate(layers["layer"])}).to_numpy()
+    si = table["signal"].map({name: i for i, name in enumerate(signals)}).to_numpy()
+    for name, arr in arrays.items():
+        arr[li, si, table["vertex"].to_numpy()] = table[name].to_numpy()
+    folder.mkdir()
+    for name, arr in arrays.items():
+        np.save(folder / f"{name}.npy", arr)
+    write_meta(folder / "meta.json", {"kind": "group", "model": table["model"].iloc[0],
+                                      "checkpoint": table["checkpoint"].iloc[0], "layers": layers["layer"].tolist(),
+                                      "layer_depths": layers["layer_depth"].tolist(), "signals": signals,
+                                      "n_vertices": n_vertices, "subjects": list(range(1, 5))})
+    return folder / "meta.json"
 
 
 FIGURE_PARAMS = {"min_significant": "majority", "roi_hemispheres": "merged", "roi_best_layer": "profile",

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from brainprop import analysis as an
+from brainprop.fmri_arrays import read_fmri
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +73,8 @@ def null_demo(demo, tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("null") / "demo"
     shutil.copytree(demo, workdir, symlinks=True)
     _setup(workdir, _merge(REDUCED, NULL))
-    _snakemake(workdir, *[f"results/encoding/{m}/dinov3_s/{FINAL}/group.parquet" for m in ("fmri", "meg")])
+    _snakemake(workdir, f"results/encoding/fmri/dinov3_s/{FINAL}/group/meta.json",
+               f"results/encoding/meg/dinov3_s/{FINAL}/group.parquet")
     return workdir
 
 
@@ -91,10 +93,10 @@ def _value(table: pd.DataFrame, statistic: str, signal: str, **keys) -> pd.Serie
 
 def _residual_vs_distance(workdir: Path) -> an.Correlation:
     """ROI mean residual score (last layer) against distance from V1."""
-    group = pd.read_parquet(workdir / f"results/encoding/fmri/dinov3_s/{FINAL}/group.parquet")
+    last = read_fmri(workdir / f"results/encoding/fmri/dinov3_s/{FINAL}/group/meta.json", layers=[LAYERS[-1]],
+                     signals=["residual"])
     rois = pd.read_parquet(workdir / "results/brain/nsd/rois.parquet")
     vertex_rois = np.load(workdir / "results/brain/nsd/vertex_rois.npy")
-    last = group[(group["signal"] == "residual") & (group["layer"] == LAYERS[-1])]
     means = an.roi_means(an.vertex_array(last["vertex"], last["mean"], len(vertex_rois)), vertex_rois, rois)
     return an.correlation(means["dist_geodesic"], means["mean"])
 
@@ -210,10 +212,10 @@ def test_fmri_null_end_to_end_stays_within_the_fdr_level(demo, null_demo):
     q = 0.05
     rows = []
     for subject in (1, 2):
-        scores = pd.read_parquet(null_demo / f"results/encoding/fmri/dinov3_s/{FINAL}/subj{subject:02d}/scores.parquet")
+        scores = read_fmri(null_demo / f"results/encoding/fmri/dinov3_s/{FINAL}/subj{subject:02d}/meta.json")
         rows.append(scores.groupby(["layer", "signal"])["significant"].mean())
     shares = pd.concat(rows)
     assert shares.max() <= q, shares.sort_values().tail()
     assert (shares == 0).mean() >= 1 - 3 * q, shares.sort_values().tail()
-    planted = pd.read_parquet(demo / f"results/encoding/fmri/dinov3_s/{FINAL}/subj01/scores.parquet")
+    planted = read_fmri(demo / f"results/encoding/fmri/dinov3_s/{FINAL}/subj01/meta.json")
     assert planted.groupby("signal")["significant"].mean()["forward"] > 0.2

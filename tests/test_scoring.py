@@ -1,5 +1,8 @@
 """Scoring of (layer, signal) per subject: residual definition, planted-effect recovery, tidy tables, group stats."""
 
+import json
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -7,10 +10,10 @@ from scipy import stats
 
 from brainprop.brain.meg import write_meg_table
 from brainprop.encoding import cross_validated_ridge, residual_scores
+from brainprop.fmri_arrays import group_fmri, read_fmri
 from brainprop.scoring import (
     encode_meg_subject,
     encode_nsd_subject,
-    group_fmri,
     group_meg,
     residual_pvalues,
     score_subject,
@@ -67,8 +70,9 @@ def test_nsd_subject_tables_with_permutations(tmp_path):
     keys = {"subject": 1, "model": "m", "checkpoint": "it0"}
     encoding = {**ENCODING, "permutation": {**ENCODING["permutation"], "n": 99},
                 "residual": {"n": 99, "pvalues": "empirical", "layers": "last"}}
-    table = encode_nsd_subject(fdir, LAYERS, tmp_path / "betas.npy", tmp_path / "images.parquet",
-                               tmp_path / "mask.npy", tmp_path / "out", encoding, 6, 3, 0, keys)
+    meta = encode_nsd_subject(fdir, LAYERS, tmp_path / "betas.npy", tmp_path / "images.parquet",
+                              tmp_path / "mask.npy", tmp_path / "out", encoding, 6, 3, 0, keys)
+    table = read_fmri(meta)
     assert len(table) == 2 * 4 * 3 and set(table.vertex) == {1, 4, 7}
     assert (table.modality == "fmri").all() and (table.subject == 1).all()
     fwd0 = table[(table.layer == "l0") & (table.signal == "forward")].set_index("vertex")
@@ -82,11 +86,36 @@ def test_nsd_subject_tables_with_permutations(tmp_path):
     assert res.loc[("l1", 1), "pvalue"] > 0.05 and not res.loc[("l1", 1), "significant"]
     assert res.loc["l0", "pvalue"].isna().all() and not res.loc["l0", "significant"].any()
     np.testing.assert_allclose(table.layer_depth.unique(), [0, 1])
-    np.testing.assert_allclose(np.load(tmp_path / "out/scores.npy")[0, 0], fwd0.score.to_numpy(), atol=1e-6)
-    group = group_fmri([tmp_path / "out/scores.parquet"] * 2, tmp_path / "group.parquet")
-    assert (group.n_subjects == 2).all() and set(group.signal) == {"forward", "backprop", "forward+backprop", "residual"}
-    g = group[group.signal == "residual"].set_index(["layer", "vertex"])
-    assert g.loc[("l1", 4), "n_significant"] == 2 and g["n_significant"].sum() == 2
+    # arrays on the full vertex axis: NaN / not significant at the vertices outside the mask
+    scores = np.load(tmp_path / "out/scores.npy")
+    assert scores.shape == (2, 4, 10) and np.isnan(scores[..., ~mask]).all() and np.isfinite(scores[..., mask]).all()
+    np.testing.assert_allclose(scores[0, 0, [1, 4, 7]], fwd0.score.to_numpy(), atol=1e-6)
+    assert np.load(tmp_path / "out/split_scores.npy").shape == (2, 3, 3, 10)
+    assert not np.load(tmp_path / "out/significant.npy")[..., ~mask].any()
+    # a second subject: the same arrays, one vertex fewer analysed and vertex 4 not significant for the residual
+    second = tmp_path / "second"
+    shutil.copytree(tmp_path / "out", second)
+    s2 = np.load(second / "scores.npy")
+    s2[..., 7] = np.nan
+    np.save(second / "scores.npy", s2)
+    sig2 = np.load(second / "significant.npy")
+    sig2[1, 3, 4] = False
+    np.save(second / "significant.npy", sig2)
+    meta2 = json.loads((second / "meta.json").read_text())
+    (second / "meta.json").write_text(json.dumps({**meta2, "subject": 2}))
+    group_meta = group_fmri([meta, second / "meta.json"], tmp_path / "group")
+    group = read_fmri(group_meta)
+    assert set(group.signal) == {"forward", "backprop", "forward+backprop", "residual"}
+    g = group.set_index(["layer", "signal", "vertex"])
+    assert (g.xs(7, level="vertex")["n_subjects"] == 1).all() and (g.drop(7, level="vertex")["n_subjects"] == 2).all()
+    np.testing.assert_allclose(g.loc[("l0", "forward", 7), "mean"], scores[0, 0, 7], rtol=1e-6)
+    np.testing.assert_allclose(g.loc[("l1", "backprop", 4), "mean"], scores[1, 1, 4], rtol=1e-6)
+    assert g.loc[("l1", "residual", 4), "n_significant"] == 1
+    assert g.xs("residual", level="signal")["n_significant"].sum() == 1
+    assert list(read_fmri(group_meta, last_layer=True, signals=["forward"]).layer.unique()) == ["l1"]
+    with pytest.raises(ValueError, match="differ"):
+        (second / "meta.json").write_text(json.dumps({**meta2, "subject": 2, "checkpoint": "it9"}))
+        group_fmri([meta, second / "meta.json"], tmp_path / "group")
 
 
 def test_meg_subjects_and_group_ttest(tmp_path):

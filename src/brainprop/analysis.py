@@ -1,11 +1,11 @@
 """Analyses of the encoding score tables: best layer, ROIs, distance from V1, peak time, training dynamics.
 
-Pure functions on the tidy tables written by :mod:`brainprop.scoring` (no I/O, no plotting):
+Pure functions on tidy tables (no I/O, no plotting):
 
-* fMRI per-subject table ``scores.parquet``: subject, model, checkpoint, modality, vertex, layer,
-  layer_depth, signal, score, alpha, pvalue, pvalue_fdr, significant;
-* fMRI group table ``group.parquet``: model, checkpoint, layer, layer_depth, signal, vertex, mean,
-  n_significant, n_subjects;
+* fMRI per-subject table (:func:`brainprop.fmri_arrays.read_fmri` of a subject folder): subject, model,
+  checkpoint, modality, layer, layer_depth, signal, vertex, score, pvalue, pvalue_fdr, significant;
+* fMRI group table (``read_fmri`` of a group folder): model, checkpoint, layer, layer_depth, signal,
+  vertex, mean, n_significant, n_subjects;
 * MEG group table ``group.parquet``: model, checkpoint, layer, layer_depth, signal, time, mean, sem,
   n_subjects, t, pvalue, pvalue_fdr, significant;
 * ROI table ``rois.parquet`` (hemi, roi, name, n_vertices, ..., dist_geodesic) and per-vertex labels
@@ -233,8 +233,8 @@ def best_layer_per_vertex(table: pd.DataFrame, signal: str, min_significant: int
         Group table only: least number of subjects in which a (layer, vertex) must be significant
         (:func:`subject_threshold`; ``"majority"`` of the group's ``n_subjects``, 1 = union).
     mask_signal : str, optional
-        Signal whose significance selects vertices; default ``signal``, except ``residual`` (never
-        tested itself) which uses ``forward+backprop`` (:data:`DEFAULT_MASK_SIGNAL`).
+        Signal whose significance selects vertices; default ``signal`` itself, the residual by its own
+        test (overrides in :data:`DEFAULT_MASK_SIGNAL`, empty).
 
     Returns
     -------

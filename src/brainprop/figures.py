@@ -21,6 +21,7 @@ import pandas as pd  # noqa: E402
 from matplotlib import cm, colors  # noqa: E402
 
 from brainprop import analysis as an  # noqa: E402
+from brainprop.fmri_arrays import read_fmri  # noqa: E402
 from brainprop.utils import atomic_output, get_logger  # noqa: E402
 
 log = get_logger(__name__)
@@ -43,8 +44,8 @@ def _paths(paths) -> list:
 
 
 def _read(paths, last_layer: bool = False) -> pd.DataFrame:
-    """Concatenated Parquet tables; with ``last_layer`` only the rows of each model's deepest layer
-    (``layer_depth == 1``), read as such (real data: 327k vertices x 12 layers per table)."""
+    """Concatenated Parquet tables (MEG; fMRI results are arrays, :func:`brainprop.fmri_arrays.read_fmri`);
+    with ``last_layer`` only the rows of each model's deepest layer (``layer_depth == 1``)."""
     filters = [("layer_depth", "==", 1.0)] if last_layer else None
     tables = [pd.read_parquet(p, filters=filters) for p in _paths(paths)]
     empty = [str(p) for p, t in zip(_paths(paths), tables) if t.empty]
@@ -169,8 +170,8 @@ def fig_hierarchy(inputs, params):
     rois, vertex_rois = _rois(inputs, params)
     n_v = len(vertex_rois)
     models, checkpoints, per_signal = [], [], {"forward": ([], []), "backprop": ([], [])}
-    for path in _paths(inputs["fmri"]):  # one model at a time (each table: vertices x layers x signals)
-        g = _read(path)
+    for path in _paths(inputs["fmri"]):  # one model at a time (real size: 327k vertices x 12 layers x 2 signals)
+        g = read_fmri(path, signals=("forward", "backprop"))
         models.append(g["model"].iloc[0])
         checkpoints.append(g["checkpoint"].iloc[0])
         for signal, (maps, spatial) in per_signal.items():
@@ -239,8 +240,8 @@ def fig_hierarchy(inputs, params):
 # --------------------------------------------------------------------------------------------
 
 def _summaries(inputs, params) -> pd.DataFrame:
-    subjects = _read(inputs["fmri_subjects"], last_layer=True) if "fmri_subjects" in inputs.keys() else None
-    return an.summary_scores(_read(inputs["meg"], last_layer=True), _read(inputs["fmri"], last_layer=True),
+    subjects = read_fmri(inputs["fmri_subjects"], last_layer=True) if "fmri_subjects" in inputs.keys() else None
+    return an.summary_scores(_read(inputs["meg"], last_layer=True), read_fmri(inputs["fmri"], last_layer=True),
                              subjects, min_significant=params["min_significant"])
 
 
@@ -292,7 +293,7 @@ def fig_models_mean(inputs, params):
     courses, mean +- SEM across subjects and models with FDR-corrected t-test marks (B, D, F)."""
     from brainprop.scoring import meg_subject_courses
 
-    fmri = _read(inputs["fmri"], last_layer=True)
+    fmri = read_fmri(inputs["fmri"], last_layer=True)
     courses = meg_subject_courses(inputs["meg_subjects"])
     deepest = courses.groupby("model")["layer_depth"].transform("max")
     courses = courses[courses["layer_depth"] == deepest]
@@ -366,7 +367,7 @@ def fig_training(inputs, params):
 def fig_training_maps(inputs, params):
     """Fig. 6: fMRI maps of the last-layer forward, backprop and residual scores (rows) at three training
     stages (columns); significant vertices only, one colour scale per row."""
-    fmri = _read(inputs["fmri"], last_layer=True)
+    fmri = read_fmri(inputs["fmri"], last_layer=True)
     vertex_rois = np.load(inputs["vertex_rois"])
     stages = [f"it{s}" for s in params["stages"]]
     surfaces = _surfaces(params)
@@ -503,8 +504,8 @@ def fig_halftime(inputs, params):
     encoding against its distance from V1 (E)."""
     rois, vertex_rois = _rois(inputs, params)
     frac = params["halftime_fraction"]
-    # one checkpoint at a time (real data: each fMRI table is 327k vertices x 12 layers x 4 signals)
-    parts = [checkpoint_metrics(_read(f), _read(m), rois, vertex_rois, params)
+    # one checkpoint at a time (real size: 327k vertices x 12 layers x 2 signals each)
+    parts = [checkpoint_metrics(read_fmri(f, signals=("forward", "backprop")), _read(m), rois, vertex_rois, params)
              for f, m in zip(_paths(inputs["fmri"]), _paths(inputs["meg"]), strict=True)]
     metrics = pd.concat([p[0] for p in parts], ignore_index=True)
     per_roi = pd.concat([p[1] for p in parts], ignore_index=True)

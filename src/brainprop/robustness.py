@@ -142,12 +142,13 @@ def run_robustness(nsd_dir: str | os.PathLike, things_dir: str | os.PathLike, la
     ``nsd_dir``, ``things_dir``: the grid's feature extraction at ``max(projection_dims)`` per stimulus set;
     ``nsd_subjects``: dicts with ``betas``, ``images``, ``mask`` (prepare_nsd outputs);
     ``meg_subjects``: dicts with ``data``, ``images``, ``times`` (prepare_meg outputs);
-    ``fmri_group``: the main analysis' fMRI group table of the same model and checkpoint.
+    ``fmri_group``: the main analysis' fMRI group ``meta.json`` of the same model and checkpoint.
     """
     from brainprop.analysis import significant_map
+    from brainprop.fmri_arrays import read_fmri
     from brainprop.brain.meg import read_meg_table
 
-    group = pd.read_parquet(fmri_group, filters=[("layer", "==", layer)])
+    group = read_fmri(fmri_group, layers=[layer], signals=("forward", "backprop"))
     masks = {s: significant_map(group, s, layer, min_significant).vertex.to_numpy() for s in ("forward", "backprop")}
     frames = []
     feats, ids = grid_features(nsd_dir, layer, projection_dims, pca_dims, seed)

@@ -18,12 +18,17 @@ residual's own test (``encoding.residual``: backprop's part unexplained by forwa
 last layer by default); MEG, the paper's one-sample one-tailed t-test across subjects per time point
 with BH-FDR across time points (:func:`group_meg`), for all four signals including the residual.
 See docs/statistics.md, sections 7 and 8.
+
+Outputs: fMRI, arrays on the full fsaverage vertex axis (:mod:`brainprop.fmri_arrays`, grouped by
+:func:`brainprop.fmri_arrays.group_fmri`: tidy rows would be 126 million per model and checkpoint at
+the real size); MEG, the arrays and a tidy ``scores.parquet`` (channels x times are few).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -32,6 +37,7 @@ from tqdm.auto import tqdm
 from brainprop.analysis import course_statistics
 from brainprop.brain.align import reorder_rows
 from brainprop.encoding import ResidualResult, cross_validated_ridge, residual_inputs, residual_scores
+from brainprop.fmri_arrays import write_subject
 from brainprop.simulate.effects import layer_depths
 from brainprop.stats import fdr_bh, permutation_test, pooled_null_pvalues, residual_permutation_test
 from brainprop.utils import get_logger, save_npy_atomic, save_parquet_atomic
@@ -129,10 +135,24 @@ def score_subject(features: dict, layers: Sequence[str], Y: np.ndarray, encoding
     return out
 
 
+def fdr_arrays(pvalues: np.ndarray, q: float) -> tuple[np.ndarray, np.ndarray]:
+    """BH-FDR over the targets of each (layer, signal) of ``pvalues`` (L, 4, T): adjusted p-values (NaN where
+    untested) and rejections at ``q`` (False where untested)."""
+    p_fdr = np.full(pvalues.shape, np.nan, np.float32)
+    reject = np.zeros(pvalues.shape, bool)
+    for li in range(pvalues.shape[0]):
+        for si in range(pvalues.shape[1]):
+            p = pvalues[li, si].astype(np.float64)
+            if np.isfinite(p).any():
+                reject[li, si], p_fdr[li, si] = fdr_bh(p, q)
+    return p_fdr, reject
+
+
 def _tidy(arrays: dict, layers: Sequence[str], targets: pd.DataFrame, keys: dict, q: float) -> pd.DataFrame:
     """Long table: one row per (layer, signal, target) with score, alpha (median over splits), p, FDR."""
     frames = []
     depths = layer_depths(len(layers))
+    p_fdr, reject = fdr_arrays(arrays["pvalues"], q)
     for li, layer in enumerate(layers):
         for si, signal in enumerate(SIGNALS):
             df = targets.copy()
@@ -141,9 +161,8 @@ def _tidy(arrays: dict, layers: Sequence[str], targets: pd.DataFrame, keys: dict
             fitted = si < 3
             alpha = arrays["alphas"][li, si] if fitted else None
             df["alpha"] = np.nanmedian(alpha, axis=0) if fitted and np.isfinite(alpha).any() else np.nan
-            p = arrays["pvalues"][li, si].astype(np.float64)
-            reject, p_fdr = fdr_bh(p, q) if np.isfinite(p).any() else (np.zeros(len(p), bool), p)
-            df["pvalue"], df["pvalue_fdr"], df["significant"] = p, p_fdr, reject
+            df["pvalue"] = arrays["pvalues"][li, si].astype(np.float64)
+            df["pvalue_fdr"], df["significant"] = p_fdr[li, si].astype(np.float64), reject[li, si]
             frames.append(df)
     table = pd.concat(frames, ignore_index=True)
     for k, v in reversed(list(keys.items())):
@@ -152,20 +171,28 @@ def _tidy(arrays: dict, layers: Sequence[str], targets: pd.DataFrame, keys: dict
 
 
 def encode_nsd_subject(feature_dir, layers, betas, images, mask, out_dir, encoding: dict, dim: int,
-                       residual_dim: int, seed: int, keys: dict) -> pd.DataFrame:
-    """Rule entry point (fMRI): score one NSD subject; writes ``{out_dir}/{scores,split_scores,alphas,pvalues}.npy``
-    and ``{out_dir}/scores.parquet``; targets are the kept vertices (``vertex`` = index among 2 x V)."""
+                       residual_dim: int, seed: int, keys: dict) -> Path:
+    """Rule entry point (fMRI): score one NSD subject's kept vertices and write its folder of arrays on the
+    full vertex axis (:mod:`brainprop.fmri_arrays`: scores, p-values, FDR, significance, per-split scores and
+    alphas, then ``meta.json``); returns the ``meta.json`` path."""
     image_ids = pd.read_parquet(images).image_id.to_numpy()
     Y = np.load(betas, mmap_mode="r")
-    vertices = np.flatnonzero(np.load(mask))
+    kept = np.load(mask)
+    vertices = np.flatnonzero(kept)
     if Y.shape != (len(image_ids), len(vertices)):
         raise ValueError(f"{betas}: shape {Y.shape}, expected ({len(image_ids)} images, {len(vertices)} kept vertices)")
     features = load_features(feature_dir, layers, image_ids)
     perm = encoding["permutation"]
     tested = perm["n"] > 0 and "nsd" in perm["modalities"]
     arrays = score_subject(features, layers, Y, encoding, dim, residual_dim, seed, tested)
-    return _write(arrays, layers, pd.DataFrame({"vertex": vertices}), keys | {"modality": "fmri"}, out_dir,
-                  encoding["fdr_q"])
+    arrays["pvalues_fdr"], arrays["significant"] = fdr_arrays(arrays["pvalues"], encoding["fdr_q"])
+    meta = {**keys, "layers": list(layers), "layer_depths": layer_depths(len(layers)).tolist(),
+            "signals": list(SIGNALS), "n_vertices": int(len(kept)), "n_splits": int(encoding["n_splits"]),
+            "fdr_q": float(encoding["fdr_q"])}
+    path = write_subject(out_dir, arrays, vertices, meta)
+    log.info("wrote %d layers x %d signals x %d vertices (%d analysed) to %s", len(layers), len(SIGNALS),
+             len(kept), len(vertices), out_dir)
+    return path
 
 
 def encode_meg_subject(feature_dir, layers, data, images, times, out_dir, encoding: dict, dim: int,
@@ -214,19 +241,5 @@ def group_meg(score_tables: Sequence[str | os.PathLike], out: str | os.PathLike,
     group = course_statistics(meg_subject_courses(score_tables), ["model", "checkpoint", "layer", "layer_depth",
                                                                    "signal"], ["subject"], q=q)
     group = group.rename(columns={"n": "n_subjects"})
-    save_parquet_atomic(group, out)
-    return group
-
-
-def group_fmri(score_tables: Sequence[str | os.PathLike], out: str | os.PathLike) -> pd.DataFrame:
-    """Rule entry point: per (layer, signal, vertex) the across-subject mean score and the number of subjects
-    in which the vertex is significant (permutation + FDR; the residual by its own test, NaN p-values and
-    never significant at untested layers) and in which it was analysed."""
-    per_subject = pd.concat([pd.read_parquet(p, columns=["subject", "model", "checkpoint", "layer", "layer_depth",
-                                                          "signal", "vertex", "score", "significant"])
-                             for p in score_tables])
-    group = (per_subject.groupby(["model", "checkpoint", "layer", "layer_depth", "signal", "vertex"], sort=True)
-             .agg(mean=("score", "mean"), n_significant=("significant", "sum"), n_subjects=("score", "count"))
-             .reset_index())
     save_parquet_atomic(group, out)
     return group

@@ -1,5 +1,7 @@
-from brainprop.scoring import group_fmri
+from pathlib import Path
+
+from brainprop.fmri_arrays import group_fmri
 from brainprop.utils import log_to_file
 
 log_to_file(snakemake.log[0])
-group_fmri(snakemake.input.scores, snakemake.output.group)
+group_fmri(snakemake.input.subjects, Path(snakemake.output.meta).parent)
