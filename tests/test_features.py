@@ -162,6 +162,64 @@ def test_pool_tokens_shapes():
     assert pool_tokens(x, "flatten").shape == (2, 12)
 
 
+def test_pool_tokens_reads_a_feature_map_as_spatial_tokens():
+    fmap = torch.randn(2, 5, 3, 4)  # (N, C, H, W)
+    assert torch.allclose(pool_tokens(fmap, "mean"), fmap.mean(dim=(2, 3)))
+    assert torch.equal(pool_tokens(fmap, "flatten")[:, :5], fmap[:, :, 0, 0])
+    with pytest.raises(ValueError, match="CLS"):
+        pool_tokens(fmap, "cls")
+
+
+class _TupleBlock(torch.nn.Module):
+    """A residual block that, like some transformers layers, takes keywords and returns a tuple."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.fc = torch.nn.Linear(dim, dim)
+
+    def forward(self, hidden_states):
+        return hidden_states + torch.tanh(self.fc(hidden_states)), None
+
+
+class _TupleNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList([_TupleBlock(6) for _ in range(2)])
+
+    def forward(self, x):  # (B, 3, H, W) -> tokens (B, 4, 6)
+        h = x.float().flatten(2)[:, :, :24].reshape(x.shape[0], 4, 18)[..., :6]
+        for block in self.blocks:
+            h, _ = block(hidden_states=h)
+        return h
+
+
+class _TupleLoss:
+    network = _TupleNet()
+
+    def plain_view(self, images):
+        return images.float() / 255
+
+    def __call__(self, images, image_ids):
+        out = self.network(self.plain_view(images))
+        return (out ** 2).sum((1, 2)), torch.arange(len(image_ids))
+
+
+def test_output_gradients_of_blocks_called_with_keywords_returning_tuples(batch):
+    images, ids = batch
+    loss = _TupleLoss()
+    ex = FeatureExtractor(loss, ["blocks.0"], pooling="mean", backprop_target="output", projection="none")
+    feats, fwd = ex.backprop(images, ids)["blocks.0"], ex.forward(images)["blocks.0"]
+    for b in range(len(ids)):
+        outs = []
+        h = loss.network.blocks[0].register_forward_hook(lambda m, a, o: outs.append(o[0]))
+        losses, _ = loss(images[b:b + 1], [ids[b]])
+        h.remove()
+        (g,) = torch.autograd.grad(losses.sum(), outs)
+        torch.testing.assert_close(feats[b], g.mean(1)[0], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(fwd[b], outs[0].detach().mean(1)[0], rtol=1e-5, atol=1e-7)
+
+
 def test_gaussian_projection_of_output_gradients_is_seeded():
     a = GaussianProjection(50, 8, seed=1)(torch.ones(2, 50))
     b = GaussianProjection(50, 8, seed=1)(torch.ones(2, 50))

@@ -48,9 +48,14 @@ def pool_tokens(x: torch.Tensor, pooling: str, n_prefix: int = 0) -> torch.Tenso
     """Pool (N, T, D) token features to (N, D) (``mean``, ``cls``) or (N, T' * D) (``flatten``).
 
     ``n_prefix`` > 0 drops the first ``n_prefix`` tokens (CLS and registers) before ``mean`` or ``flatten``.
+    A CNN feature map (N, C, H, W) is read as H * W tokens of C channels (no prefix, no CLS token).
     """
     if x.ndim == 2:  # already one vector per row (e.g. a pooled CNN layer)
         return x
+    if x.ndim == 4:
+        if pooling == "cls":
+            raise ValueError("pooling='cls' needs a token sequence; a CNN feature map has no CLS token")
+        x, n_prefix = x.flatten(2).transpose(1, 2), 0
     if n_prefix and pooling != "cls":
         x = x[:, n_prefix:]
     if pooling == "mean":
@@ -70,8 +75,10 @@ class _Capture:
     outputs: list[torch.Tensor] = field(default_factory=list)
 
     def hook(self, module, args, output):
-        self.inputs.append(args[0])
-        self.outputs.append(output)
+        # a block returning (hidden_states, ...) is read at its hidden states; the input is only
+        # needed for weight gradients of a Linear layer, which is always called positionally
+        self.inputs.append(args[0] if args else None)
+        self.outputs.append(output[0] if isinstance(output, tuple) else output)
 
     def clear(self):
         self.inputs.clear()
@@ -185,7 +192,7 @@ class FeatureExtractor:
                 cap = self._captures[n]
                 g = [torch.zeros_like(o) if gr is None else gr for o, gr in zip(cap.outputs, grads[i:i + len(cap.outputs)])]
                 i += len(cap.outputs)
-                result[n] = self._per_image(n, [x.detach() for x in cap.inputs], g, owner, len(image_ids))
+                result[n] = self._per_image(n, [None if x is None else x.detach() for x in cap.inputs], g, owner, len(image_ids))
             self.last_losses = losses.detach()
             entropy = getattr(self.loss, "last_target_entropy", None)
             self.last_target_entropy = None if entropy is None else entropy.detach()
