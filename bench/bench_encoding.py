@@ -67,8 +67,7 @@ def engine_flops(enc: RidgeEncoder, n_targets: int) -> float:
     for st in enc.states:
         n_te = st.B_test.shape[0]
         if enc.inner_cv == "loo":
-            n, r, J = st.n_train, st.rank, st.n_basis
-            per = 2 * n * r * 2 + 2 * n * J * r + 2 * A * r * r + 2 * J * A * r + 2 * A * n + 2 * n_te * r
+            per = st.flops_per_column()
         else:
             n, p = st.n_train, st.n_features
             per = 2 * n * p + 2 * p * p + 2 * n_te * p

@@ -218,7 +218,9 @@ def test_config_show_prints_the_paper_method():
     assert (f["pca"]["dim"], f["pca"]["residual_dim"]) == (300, 150)
     e = cfg["encoding"]
     assert (e["alphas"], e["n_splits"]) == ({"log10_min": 0, "log10_max": 8, "n": 10}, 5)
-    assert e["permutation"] == {"n": 1000, "method": "refit", "null_distribution": "per_target", "modalities": ["nsd"]}
+    assert e["permutation"] == {"n": 1000, "method": "refit", "null_distribution": "per_target", "modalities": ["nsd"],
+                                "signals": ["forward", "backprop"], "sequential_block": 50}
+    assert e["residual"] == {"n": 1000, "pvalues": "empirical", "layers": "last", "sequential_block": 50}
     assert cfg["models"]["dinov3_s"]["image_size"] == 224
     assert cfg["nsd"]["subjects"] == list(range(1, 9)) and cfg["meg"]["subjects"] == [1, 2, 3, 4]
 

@@ -24,8 +24,10 @@ from brainprop.stats import permutation_test, pooled_permutation_pvalues, residu
 LAYERS = ["l0", "l1"]
 ENCODING = {"alphas": {"log10_min": 0, "log10_max": 4, "n": 5}, "n_splits": 3, "inner_cv": "loo",
             "standardize": True, "dtype": "float64", "memory_budget_mb": 64, "fdr_q": 0.05,
-            "permutation": {"n": 30, "method": "refit", "null_distribution": "per_target", "modalities": ["nsd"]},
-            "pooled_targets": None, "residual": {"n": 0, "pvalues": "empirical", "layers": "last"}}
+            "permutation": {"n": 30, "method": "refit", "null_distribution": "per_target", "modalities": ["nsd"],
+                            "signals": ["forward", "backprop"], "sequential_block": 50},
+            "pooled_targets": None, "residual": {"n": 0, "pvalues": "empirical", "layers": "last",
+                                                 "sequential_block": 50}}
 
 
 def planted(n=240, d=10, seed=0):
@@ -69,7 +71,7 @@ def test_nsd_subject_tables_with_permutations(tmp_path):
     pd.DataFrame({"image_id": ids}).to_parquet(tmp_path / "images.parquet")
     keys = {"subject": 1, "model": "m", "checkpoint": "it0"}
     encoding = {**ENCODING, "permutation": {**ENCODING["permutation"], "n": 99},
-                "residual": {"n": 99, "pvalues": "empirical", "layers": "last"}}
+                "residual": {**ENCODING["residual"], "n": 99}}
     meta = encode_nsd_subject(fdir, LAYERS, tmp_path / "betas.npy", tmp_path / "images.parquet",
                               tmp_path / "mask.npy", tmp_path / "out", encoding, 6, 3, 0, keys)
     table = read_fmri(meta)
@@ -169,7 +171,7 @@ def test_misaligned_images_are_named(tmp_path):
 
 def test_pooled_null_resolves_small_pvalues_with_few_shuffles():
     feats, y = planted()
-    encoding = {**ENCODING, "permutation": {"n": 5, "method": "refit", "null_distribution": "pooled", "modalities": ["nsd"]}}
+    encoding = {**ENCODING, "permutation": {**ENCODING["permutation"], "n": 5, "null_distribution": "pooled"}}
     out = score_subject(feats, LAYERS[:1], y, encoding, dim=6, residual_dim=3, seed=0, permutations=True)
     # the planted target beats all 5 x 3 pooled null scores: p = 1 / 16, below the per-target floor 1 / 6
     assert out["pvalues"][0, 0, 0] == pytest.approx(1 / 16)
@@ -181,7 +183,7 @@ def test_pooled_null_of_a_target_subset_is_seeded_and_reaches_its_floor():
     X, Y = rng.normal(size=(200, 5)), rng.normal(size=(200, 60))
     Y[:, 0] += 3 * X[:, 0]
     encoding = {**ENCODING, "pooled_targets": 7,
-                "permutation": {"n": 9, "method": "refit", "null_distribution": "pooled", "modalities": ["nsd"]}}
+                "permutation": {**ENCODING["permutation"], "n": 9, "null_distribution": "pooled"}}
     obs = cross_validated_ridge(X, Y, np.logspace(0, 4, 5), n_splits=3, seed=0, dtype="float64", progress=False)
     p = signal_pvalues(X, Y, obs.mean_scores, encoding, 0, 11)
     assert p[0] == pytest.approx(1 / (9 * 7 + 1))  # the pool: 9 shuffles of 7 targets, whatever T
@@ -201,9 +203,39 @@ def test_residual_pvalues_follow_the_config():
     res = residual_scores(fwd, bwd, y, np.logspace(0, 4, 5), 3, 3, 6, **kw)
     test = residual_permutation_test(fwd, bwd, y, np.logspace(0, 4, 5), 3, 3, 6, 19, 5, res, **kw)
     for kind, expected in (("empirical", test.pvalues), ("gaussian", test.pvalues_gaussian)):
-        encoding = {**ENCODING, "residual": {"n": 19, "pvalues": kind, "layers": "last"}}
+        encoding = {**ENCODING, "residual": {**ENCODING["residual"], "n": 19, "pvalues": kind}}
         np.testing.assert_array_equal(residual_pvalues(fwd, bwd, y, res, encoding, 6, 3, 0, 5), expected)
     assert test.pvalues_gaussian[1] < 1e-3 < test.pvalues[1] == pytest.approx(1 / 20)
+    # residual.sequential_block reaches the test (empirical p-values): the noise target stops early
+    seq = residual_permutation_test(fwd, bwd, y, np.logspace(0, 4, 5), 3, 3, 6, 19, 5, res, sequential_block=4,
+                                    fdr_q=0.05, **kw)
+    assert seq.stopped.any() and not np.array_equal(seq.pvalues, test.pvalues)
+    encoding = {**ENCODING, "residual": {**ENCODING["residual"], "n": 19, "sequential_block": 4}}
+    np.testing.assert_array_equal(residual_pvalues(fwd, bwd, y, res, encoding, 6, 3, 0, 5), seq.pvalues)
+
+
+def test_permutation_signals_and_sequential_block_follow_the_config():
+    """Only the fitted signals of permutation.signals get p-values (forward+backprop: NaN by default); the
+    per-target refit test stops by permutation.sequential_block at fdr_q, as permutation_test does."""
+    feats, y = planted()
+    y = np.concatenate([y, np.random.default_rng(5).normal(size=(y.shape[0], 9))], axis=1)  # more noise targets
+    encoding = {**ENCODING, "permutation": {**ENCODING["permutation"], "n": 40, "sequential_block": 10}}
+    out = score_subject(feats, LAYERS[:1], y, encoding, dim=6, residual_dim=3, seed=0, permutations=True)
+    assert np.isfinite(out["pvalues"][0, :2]).all() and np.isnan(out["pvalues"][0, 2:]).all()
+    every = {**encoding, "permutation": {**encoding["permutation"], "signals": ["forward", "backprop", "forward+backprop"]}}
+    out_all = score_subject(feats, LAYERS[:1], y, every, dim=6, residual_dim=3, seed=0, permutations=True)
+    assert np.isfinite(out_all["pvalues"][0, 2]).all()
+    np.testing.assert_array_equal(out_all["pvalues"][0, :2], out["pvalues"][0, :2])
+    X = feats[("l0", "forward")][:, :6]
+    kw = dict(n_splits=3, seed=0, dtype="float64", progress=False)
+    obs = cross_validated_ridge(X, y, np.logspace(0, 4, 5), **kw).mean_scores
+    seq = permutation_test(X, y, np.logspace(0, 4, 5), 40, permutation_seed=7, observed=obs, sequential_block=10,
+                           fdr_q=0.05, **kw)
+    assert seq.stopped.any()
+    np.testing.assert_array_equal(signal_pvalues(X, y, obs, encoding, 0, 7), seq.pvalues)
+    off = {**encoding, "permutation": {**encoding["permutation"], "sequential_block": 0}}
+    full = permutation_test(X, y, np.logspace(0, 4, 5), 40, permutation_seed=7, observed=obs, **kw)
+    np.testing.assert_array_equal(signal_pvalues(X, y, obs, off, 0, 7), full.pvalues)
 
 
 def test_config_requires_the_residual_to_compare_equal_dimensions():

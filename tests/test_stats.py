@@ -18,6 +18,7 @@ from brainprop.stats import (
     permutation_pvalues,
     permutation_test,
     residual_permutation_test,
+    sequential_null,
     ttest_across_subjects,
 )
 
@@ -321,3 +322,117 @@ def test_refit_with_precomputed_observed_scores_skips_only_the_observed_fit():
     np.testing.assert_array_equal(reused.null, full.null)
     np.testing.assert_array_equal(reused.pvalues, full.pvalues)
     assert np.isnan(reused.observed[3]) and reused.pvalues[0] == 1 / 8
+
+
+# ---------------------------------------------------------------- sequential stopping
+
+
+def _full_and_sequential(observed, null, block, q):
+    """The full test (BH on all N shuffles) and the sequential one on the same null, block by block."""
+    calls = []
+
+    def null_block(rows, cols):
+        calls.append((rows, cols))
+        return null[rows.start:rows.stop][:, cols]
+
+    seq = sequential_null(observed, null_block, null.shape[0], block, q)
+    return permutation_pvalues(observed, null), seq, calls
+
+
+@pytest.mark.parametrize("trial", range(300))
+def test_sequential_null_rejects_exactly_what_the_full_null_rejects(trial):
+    """Random mixtures of signal and null targets with correlated nulls, NaN targets, ties and blocks of
+    1..N: BH on the sequential p-values (float64 and after rounding to float32, as stored) rejects the
+    same targets as BH on all N shuffles; targets that ran all N have the full test's p-value; stopped
+    targets are never rejected by the full test, their p-value is an upper bound of the full one, and
+    their null holds exactly the shuffles they ran."""
+    rng = np.random.default_rng(trial)
+    n_perm, n_targets = int(rng.integers(5, 120)), int(rng.integers(1, 150))
+    q = float(rng.choice([0.01, 0.05, 0.2, 0.5]))
+    field = rng.standard_normal((n_perm, 1))  # a shared factor: correlated nulls across targets
+    null = np.round(0.7 * field + 0.7 * rng.standard_normal((n_perm, n_targets)), 1)  # rounding: ties
+    observed = np.round(rng.standard_normal(n_targets) + rng.uniform(0, 4) * (rng.random(n_targets) < 0.4), 1)
+    observed[rng.random(n_targets) < 0.05] = np.nan
+    null[rng.random(null.shape) < 0.01] = np.nan  # NaN null scores count as exceedances
+    block = int(rng.integers(1, n_perm + 1))
+    full, seq, _ = _full_and_sequential(observed, null, block, q)
+    for cast in (np.float64, np.float32):
+        np.testing.assert_array_equal(fdr_bh(seq.pvalues.astype(cast), q)[0], fdr_bh(full.astype(cast), q)[0])
+    done = seq.n_shuffles == n_perm
+    np.testing.assert_array_equal(seq.pvalues[done], full[done])
+    assert not fdr_bh(full, q)[0][seq.stopped].any()
+    assert (seq.pvalues[seq.stopped] >= full[seq.stopped]).all()
+    np.testing.assert_array_equal(seq.stopped, np.isfinite(observed) & ~done)
+    for t in np.flatnonzero(np.isfinite(observed)):
+        ran = seq.n_shuffles[t]
+        np.testing.assert_array_equal(seq.null[:ran, t], null[:ran, t])
+        assert np.isnan(seq.null[ran:, t]).all()
+        assert seq.exceedances[t] == ((null[:ran, t] >= observed[t]) | np.isnan(null[:ran, t])).sum()
+
+
+def test_sequential_null_stops_clear_nulls_early_and_runs_signals_to_the_end():
+    """Half the targets clearly null, half clearly signal: the nulls stop within a few blocks, the signals run
+    all N; fewer than 60 % of the N x targets shuffles run. The BH-based bound stops more targets than the
+    single-target bound (1 + c) / (N + 1) > q would."""
+    rng = np.random.default_rng(0)
+    n_perm, n_targets, q = 999, 400, 0.05
+    null = rng.standard_normal((n_perm, n_targets))
+    observed = rng.standard_normal(n_targets)
+    observed[::2] += 6.0
+    full, seq, calls = _full_and_sequential(observed, null, 50, q)
+    assert seq.n_shuffles[::2].min() == n_perm and not seq.stopped[::2].any()
+    assert seq.n_shuffles.sum() < 0.6 * n_perm * n_targets
+    np.testing.assert_array_equal(fdr_bh(seq.pvalues, q)[0], fdr_bh(full, q)[0])
+    assert [len(c) for _, c in calls][0] == n_targets and len(calls[-1][1]) < n_targets
+    # the single-target bound stops a null target only once c >= q (N + 1) - 1 = 49 exceedances
+    single = ((1 + seq.exceedances[seq.stopped]) / (n_perm + 1) > q)
+    assert not single.all()
+
+
+def test_sequential_null_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="block"):
+        sequential_null(np.zeros(3), lambda r, c: np.zeros((len(r), len(c))), 10, 0, 0.05)
+    with pytest.raises(ValueError, match="shape"):
+        sequential_null(np.zeros(3), lambda r, c: np.zeros((1, 1)), 10, 5, 0.05)
+
+
+def test_sequential_refit_permutation_test_matches_the_full_test():
+    """permutation_test with sequential_block on the engine: same rejections, same p-values for the targets
+    that ran all N shuffles and the same null up to the float32 rounding of the batched products (their
+    kernels and thread partition depend on the batch width), fewer shuffles in all; an invalid (constant)
+    target stays NaN."""
+    X, Y = _null_data(4, t=60)
+    Y[:, :20] += 1.5 * X[:, :1]  # a third of the targets carry signal
+    Y[:, 59] = 2.0
+    obs = cross_validated_ridge(X, Y, ALPHAS, device="cpu", progress=False).mean_scores
+    kw = dict(n_permutations=199, permutation_seed=5, observed=obs, device="cpu", progress=False)
+    full = permutation_test(X, Y, ALPHAS, **kw)
+    seq = permutation_test(X, Y, ALPHAS, sequential_block=20, fdr_q=0.05, **kw)
+    np.testing.assert_array_equal(fdr_bh(seq.pvalues, 0.05)[0], fdr_bh(full.pvalues, 0.05)[0])
+    assert fdr_bh(full.pvalues, 0.05)[0][:20].all()
+    done = seq.n_shuffles == 199
+    np.testing.assert_array_equal(seq.pvalues[done], full.pvalues[done])
+    np.testing.assert_allclose(seq.null[:, done], full.null[:, done], rtol=0, atol=8 * np.finfo(np.float32).eps)
+    assert seq.stopped.sum() > 20 and seq.n_shuffles.sum() < 0.7 * 199 * 60
+    assert seq.invalid[59] and np.isnan(seq.pvalues[59]) and np.isnan(full.pvalues[59])
+    assert not full.stopped.any() and (full.n_shuffles == 199).all()
+
+
+def test_sequential_residual_test_matches_the_full_test():
+    """The residual test with sequential_block: same rejections as all N permutations, identical p-values for
+    the targets that ran them all."""
+    from brainprop.encoding import residual_scores
+
+    signal = np.zeros(N_TARGETS, bool)
+    signal[::4] = True
+    F, B, Y, r = _residual_null(1, backprop_signal=signal)[0]
+    res = residual_scores(F, B, Y, ALPHAS, DIM // 2, DIM // 2, DIM, device="cpu", progress=False)
+    args = (F, B, Y, ALPHAS, DIM // 2, DIM // 2, DIM, 99, 3, res)
+    full = residual_permutation_test(*args, device="cpu", progress=False)
+    seq = residual_permutation_test(*args, sequential_block=10, fdr_q=0.05, device="cpu", progress=False)
+    reject = fdr_bh(full.pvalues, 0.05)[0]
+    np.testing.assert_array_equal(fdr_bh(seq.pvalues, 0.05)[0], reject)
+    assert reject[signal].mean() > 0.5
+    done = ~seq.stopped
+    np.testing.assert_array_equal(seq.pvalues[done], full.pvalues[done])
+    assert seq.stopped.any() and not seq.stopped[reject].any()

@@ -196,6 +196,26 @@ def invalid_targets(Y: torch.Tensor) -> torch.Tensor:
     return ~(torch.isfinite(low) & torch.isfinite(high)) | (low == high)
 
 
+def invalid_columns(Y, dtype=torch.float32, batch: int = 8192) -> np.ndarray:
+    """:func:`invalid_targets` of every column of ``Y`` (numpy or memmap, read in column batches) in the
+    working ``dtype``, as :meth:`RidgeEncoder.load` flags them -> bool (n_targets,)."""
+    np_dtype = np.float64 if _as_dtype(dtype) == torch.float64 else np.float32
+    out = np.zeros(Y.shape[1], dtype=bool)
+    for c in range(0, Y.shape[1], batch):
+        out[c:c + batch] = invalid_targets(torch.from_numpy(np.array(Y[:, c:c + batch], dtype=np_dtype))).numpy()
+    return out
+
+
+def loo_flops_per_target(n_train: int, rank: int, n_alphas: int, n_basis: int, n_special: int, n_test: int) -> int:
+    """Floating-point operations of the matrix products for one target in one split of
+    :meth:`_LooSplit.run` (``loo_sse`` and the held-out prediction; the per-split precomputation excluded):
+    ``Z = U^T y`` and ``y_perp = y - U Z`` (2 x 2 n r), term 3 ``T Z`` (2 A r^2), term 2 ``PhiU^T y_perp``
+    (2 J r n) and ``m E`` (2 J A r), the exact rows ``Um_S Z`` (2 A |S| r), term 1 ``w^T y_perp^2`` (2 A n)
+    and the predictions ``B_test coef`` (2 n_test r); n = n_train, r = rank, A = n_alphas, J = n_basis."""
+    n, r, A, J = n_train, rank, n_alphas, n_basis
+    return 4 * n * r + 2 * A * r * r + 2 * J * r * n + 2 * J * A * r + 2 * A * n_special * r + 2 * A * n + 2 * n_test * r
+
+
 # ----------------------------------------------------------------------------- split states
 
 
@@ -285,6 +305,11 @@ class _LooSplit:
     def fixed_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.U, self.PhiU, self.wT, self.T, self.B_test,
                                                           self.Um_special))
+
+    def flops_per_column(self) -> int:
+        """Matrix-product flops per target of :meth:`run` (:func:`loo_flops_per_target`)."""
+        return loo_flops_per_target(self.n_train, self.rank, self.m.shape[0], self.n_basis, len(self.special),
+                                    self.B_test.shape[0])
 
     def floats_per_column(self) -> int:
         A = self.m.shape[0]

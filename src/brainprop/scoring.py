@@ -13,7 +13,9 @@ fMRI targets are vertices (their index among the 2 x V fsaverage vertices, lh th
 MEG targets are (channel, time) pairs, channel-averaged for the time courses.
 
 Statistics: fMRI, a per-vertex permutation null (``encoding.permutation``, per target or pooled
-over ``encoding.pooled_targets``) with BH-FDR across vertices for the three fitted signals, and the
+over ``encoding.pooled_targets``; sequential stopping with ``permutation.sequential_block``) with BH-FDR
+across vertices for the fitted signals of ``permutation.signals`` (forward+backprop's significance is used
+by no figure and is not tested by default; its p-values are then NaN), and the
 residual's own test (``encoding.residual``: backprop's part unexplained by forward permuted, at the
 last layer by default); MEG, the paper's one-sample one-tailed t-test across subjects per time point
 with BH-FDR across time points (:func:`group_meg`), for all four signals including the residual.
@@ -78,17 +80,23 @@ def signal_pvalues(X, Y, observed, encoding: dict, seed: int, permutation_seed: 
         return pooled_null_pvalues(X, Y, alphas, observed, perm["n"], encoding["pooled_targets"],
                                    permutation_seed, **kw)
     return permutation_test(X, Y, alphas, n_permutations=perm["n"], method=perm["method"],
-                            permutation_seed=permutation_seed, observed=observed, **kw).pvalues
+                            permutation_seed=permutation_seed, observed=observed,
+                            sequential_block=perm["sequential_block"] if perm["method"] == "refit" else 0,
+                            fdr_q=encoding["fdr_q"], **kw).pvalues
 
 
 def residual_pvalues(fwd, bwd, Y, observed: ResidualResult, encoding: dict, dim: int, residual_dim: int, seed: int,
                      permutation_seed: int) -> np.ndarray:
     """p-values (n_targets,) of the residual backprop (:func:`brainprop.stats.residual_permutation_test`,
-    ``residual.n`` permutations; ``residual.pvalues`` empirical or gaussian)."""
+    ``residual.n`` permutations; ``residual.pvalues`` empirical, with ``residual.sequential_block``
+    stopping, or gaussian)."""
+    res = encoding["residual"]
+    gaussian = res["pvalues"] == "gaussian"
     test = residual_permutation_test(fwd, bwd, Y, alphas_from_config(encoding), residual_dim, residual_dim, dim,
-                                     encoding["residual"]["n"], permutation_seed, observed,
-                                     **engine_kwargs(encoding, seed))
-    return test.pvalues_gaussian if encoding["residual"]["pvalues"] == "gaussian" else test.pvalues
+                                     res["n"], permutation_seed, observed,
+                                     sequential_block=0 if gaussian else res["sequential_block"],
+                                     fdr_q=encoding["fdr_q"], **engine_kwargs(encoding, seed))
+    return test.pvalues_gaussian if gaussian else test.pvalues
 
 
 def residual_layers(layers: Sequence[str], which: str) -> list[str]:
@@ -103,8 +111,9 @@ def score_subject(features: dict, layers: Sequence[str], Y: np.ndarray, encoding
     """Encode ``Y`` (n_images, n_targets) from every layer and signal.
 
     Returns arrays ``scores`` (L, 4, T) split-averaged r (residual included), ``split_scores``
-    (L, 3, S, T), ``alphas`` (L, 3, S, T) and ``pvalues`` (L, 4, T): with ``permutations``, the three
-    fitted signals' permutation p-values (:func:`signal_pvalues`) and the residual's own test
+    (L, 3, S, T), ``alphas`` (L, 3, S, T) and ``pvalues`` (L, 4, T): with ``permutations``, the
+    permutation p-values (:func:`signal_pvalues`) of the fitted signals in ``permutation.signals`` and the
+    residual's own test
     (:func:`residual_pvalues`) at the layers of ``encoding.residual.layers`` (``residual.n > 0``);
     NaN elsewhere.
     """
@@ -125,7 +134,7 @@ def score_subject(features: dict, layers: Sequence[str], Y: np.ndarray, encoding
             X, fit = fits[signal]
             out["split_scores"][li, si], out["alphas"][li, si] = fit.scores, fit.alphas
             out["scores"][li, si] = fit.mean_scores
-            if permutations:
+            if permutations and signal in encoding["permutation"]["signals"]:
                 out["pvalues"][li, si] = signal_pvalues(X, Y, fit.mean_scores, encoding, seed,
                                                         seed + 1 + li * 4 + si)
         out["scores"][li, 3] = res.residual

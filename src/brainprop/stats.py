@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from scipy import stats as sps
 
 from brainprop import encoding
@@ -176,6 +177,116 @@ def gaussian_tail_pvalues(observed, null) -> np.ndarray:
     return p
 
 
+#: Relative margin by which the stopping rule's lower bounds are shrunk: the stored p-values are rounded
+#: to float32 (relative error <= 2**-24) before BH, and the rule must bound those too.
+_ROUNDING_MARGIN = 2.0**-23
+
+
+@dataclass
+class SequentialNull:
+    """Outcome of :func:`sequential_null`.
+
+    Attributes
+    ----------
+    null : ndarray (n_permutations, n_targets) float64
+        Null scores of the shuffles run; NaN for the shuffles a stopped target skipped.
+    exceedances : ndarray (n_targets,) int
+        ``#{null >= observed}`` (a NaN null score counts) over the shuffles run.
+    n_shuffles : ndarray (n_targets,) int
+        Shuffles run per target (``n_permutations`` unless stopped).
+    stopped : ndarray (n_targets,) bool
+        Targets stopped early: they cannot be rejected by BH at ``q`` over the full null.
+    pvalues : ndarray (n_targets,) float64
+        ``(1 + c) / (N + 1)`` for targets that ran all N shuffles (the full test's value); for stopped
+        targets the largest value the full test's p-value can take, ``(1 + c + N - n) / (N + 1)``
+        (valid whatever the stopping rule, since it is never below the full test's p-value); NaN where
+        the observed score is NaN.
+    """
+
+    null: np.ndarray
+    exceedances: np.ndarray
+    n_shuffles: np.ndarray
+    stopped: np.ndarray
+    pvalues: np.ndarray
+
+
+def sequential_null(observed, null_block, n_permutations: int, block: int, q: float) -> SequentialNull:
+    """Permutation p-values with sequential stopping of the targets that cannot be significant at BH-FDR ``q``.
+
+    Shuffles ``0..N-1`` run in blocks of ``block`` for the targets still alive (at first every target
+    with a finite observed score). After each block (but the last), with ``c_i`` the exceedance count of
+    target ``i`` so far, ``L_i = (1 + c_i) / (N + 1)`` is a lower bound of its full-test p-value ``p_i``
+    (later shuffles can only add exceedances). BH at ``q`` applied to the lower bounds of the ``m`` targets
+    with a finite observed score rejects ``K`` of them; every target it does not reject stops.
+
+    Why the rejection set is that of the full N-shuffle test (same shuffles): write ``N_x(k) = #{i: x_i <=
+    q k / m}``; BH rejects ``{i: x_i <= q k* / m}`` with ``k* = max{k: N_x(k) >= k}``, and ``k*`` is
+    non-decreasing when p-values decrease. (1) Since ``p >= L``, ``k*(p) <= k*(L) = K``; a stopped target
+    has ``L_i > q K / m >= q k*(p) / m``, so the full test does not reject it. Lower bounds only grow, so
+    ``K`` only shrinks and this holds for the targets stopped at every check. (2) The reported p-values
+    ``p'`` equal ``p`` on the targets that ran all N shuffles and are ``>= L_i`` on stopped ones. For
+    ``k <= K`` no stopped target counts in ``N_p'(k)`` nor in ``N_p(k)``, so the two counts are equal;
+    for ``k > K``, ``N_p'(k) <= N_L(k) < k``. Hence ``k*(p') = k*(p)`` and both tests reject the same
+    targets (all among those run to the end, with identical p-values). The bounds are shrunk by a
+    relative ``2**-23`` so that the same holds after rounding the p-values to float32 (monotone).
+    The identity takes the null scores as they are in the full test. The engine computes them in batches
+    whose width changes as targets stop, and a BLAS product's kernels and thread partition depend on the
+    width: a null score can differ in its last bits (float32: ~1e-7 relative) from the full test's, which
+    changes a count only where that score ties the observed one to those bits.
+
+    Parameters
+    ----------
+    observed : ndarray (n_targets,)
+        Observed statistic; NaN: not tested (NaN p-value, left out of the BH family).
+    null_block : callable ``(rows: range, columns: ndarray of int) -> ndarray (len(rows), len(columns))``
+        Null statistics of shuffles ``rows`` for targets ``columns``.
+    n_permutations : int
+        N, as in the full test.
+    block : int
+        Shuffles between two checks (>= 1; ``>= N``: no stopping).
+    q : float
+        The BH-FDR level of the analysis (``encoding.fdr_q``).
+
+    Returns
+    -------
+    SequentialNull
+    """
+    observed = np.asarray(observed, dtype=np.float64)
+    n_perm, block = int(n_permutations), int(block)
+    if n_perm < 1 or block < 1:
+        raise ValueError(f"n_permutations and block must be >= 1, got {n_perm} and {block}")
+    if not 0 < q < 1:
+        raise ValueError(f"q must be in (0, 1), got {q}")
+    n_targets = observed.shape[0]
+    tested = np.isfinite(observed)
+    null = np.full((n_perm, n_targets), np.nan)
+    count = np.zeros(n_targets, dtype=np.int64)
+    n_run = np.zeros(n_targets, dtype=np.int64)
+    alive = tested.copy()
+    for k0 in range(0, n_perm, block):
+        rows = range(k0, min(k0 + block, n_perm))
+        cols = np.flatnonzero(alive)
+        if cols.size == 0:
+            break
+        s = np.asarray(null_block(rows, cols), dtype=np.float64)
+        if s.shape != (len(rows), cols.size):
+            raise ValueError(f"null_block returned shape {s.shape}, expected {(len(rows), cols.size)}")
+        null[rows.start:rows.stop, cols] = s
+        count[cols] += ((s >= observed[cols]) | np.isnan(s)).sum(0)
+        n_run[cols] += len(rows)
+        if rows.stop < n_perm and tested.any():
+            lower = (1.0 + count[tested]) / (n_perm + 1.0) * (1.0 - _ROUNDING_MARGIN)
+            keep = np.zeros(n_targets, dtype=bool)
+            keep[tested] = fdr_bh(lower, q)[0]
+            alive &= keep
+    stopped = tested & (n_run < n_perm)
+    p = (1.0 + count + (n_perm - n_run)) / (n_perm + 1.0)  # = (1 + c) / (N + 1) where all N ran
+    p[~tested] = np.nan
+    log.info("sequential null: %d of %d tested targets stopped early; %.1f %% of the N x targets shuffles run",
+             int(stopped.sum()), int(tested.sum()), 100.0 * n_run[tested].sum() / max(1, n_perm * tested.sum()))
+    return SequentialNull(null=null, exceedances=count, n_shuffles=n_run, stopped=stopped, pvalues=p)
+
+
 @dataclass
 class PermutationResult:
     """Permutation test of encoding scores.
@@ -187,13 +298,18 @@ class PermutationResult:
     null : ndarray (n_permutations, n_targets)
         Split-averaged r of each shuffle.
     pvalues : ndarray (n_targets,)
-        Empirical p-values ``(1 + #{null >= observed}) / (N + 1)`` (the paper's).
+        Empirical p-values ``(1 + #{null >= observed}) / (N + 1)`` (the paper's); with sequential
+        stopping, stopped targets get the valid upper bound of :class:`SequentialNull`.
     pvalues_gaussian : ndarray (n_targets,)
-        Gaussian-tail p-values (alternative, see :func:`gaussian_tail_pvalues`).
+        Gaussian-tail p-values (alternative, see :func:`gaussian_tail_pvalues`; of the shuffles run).
     invalid : ndarray (n_targets,) bool
         Constant or non-finite targets (NaN everywhere).
     method : str
         "refit" or "shuffle_predictions".
+    n_shuffles : ndarray (n_targets,) int
+        Shuffles run per target (N unless stopped).
+    stopped : ndarray (n_targets,) bool
+        Targets stopped early by :func:`sequential_null` (never significant at its ``q``).
     """
 
     observed: np.ndarray
@@ -202,10 +318,13 @@ class PermutationResult:
     pvalues_gaussian: np.ndarray
     invalid: np.ndarray
     method: str
+    n_shuffles: np.ndarray
+    stopped: np.ndarray
 
 
 def permutation_test(X, Y, alphas, n_permutations: int = 1000, method: str = "refit",
-                     permutation_seed: int = 0, observed=None, **encoding_kwargs) -> PermutationResult:
+                     permutation_seed: int = 0, observed=None, sequential_block: int = 0, fdr_q: float = 0.05,
+                     **encoding_kwargs) -> PermutationResult:
     """Per-target permutation null of the split-averaged encoding score.
 
     Parameters
@@ -227,6 +346,12 @@ def permutation_test(X, Y, alphas, n_permutations: int = 1000, method: str = "re
         The observed split-averaged scores, when already computed with the same ``X``, ``Y``,
         alphas and ``encoding_kwargs`` (``cross_validated_ridge(...).mean_scores``): "refit" then
         skips its own observed fit.
+    sequential_block : int
+        "refit" only: > 0 runs the shuffles in blocks of this size and stops the targets that can no
+        longer be significant at BH-FDR ``fdr_q`` (:func:`sequential_null`: same rejections as all N
+        shuffles, same p-values for the targets that run all N); 0: every target gets all N.
+    fdr_q : float
+        BH-FDR level the stopping rule guarantees (the analysis's ``encoding.fdr_q``).
     **encoding_kwargs
         n_splits, seed (outer KFold), inner_cv, standardize, device, dtype, memory_budget,
         progress: as in :func:`brainprop.encoding.cross_validated_ridge`.
@@ -239,7 +364,12 @@ def permutation_test(X, Y, alphas, n_permutations: int = 1000, method: str = "re
         raise ValueError(f"method must be one of {PERMUTATION_METHODS}, got {method!r}")
     if int(n_permutations) < 1:
         raise ValueError(f"n_permutations must be >= 1, got {n_permutations}")
+    if int(sequential_block) < 0:
+        raise ValueError(f"sequential_block must be >= 0, got {sequential_block}")
     n_samples = np.shape(X)[0]
+    if method == "refit" and sequential_block:
+        return _sequential_refit_test(X, Y, alphas, int(n_permutations), permutation_seed, observed,
+                                      int(sequential_block), fdr_q, encoding_kwargs)
     if method == "refit":
         perms = encoding.row_permutations(n_samples, int(n_permutations), permutation_seed)
         if observed is None:
@@ -255,7 +385,29 @@ def permutation_test(X, Y, alphas, n_permutations: int = 1000, method: str = "re
         observed, null, invalid = encoding.shuffled_prediction_null_scores(X, Y, alphas, perms, **encoding_kwargs)
     return PermutationResult(observed=observed, null=null, pvalues=permutation_pvalues(observed, null),
                              pvalues_gaussian=gaussian_tail_pvalues(observed, null), invalid=invalid,
-                             method=method)
+                             method=method, n_shuffles=np.full(len(observed), null.shape[0]),
+                             stopped=np.zeros(len(observed), dtype=bool))
+
+
+def _sequential_refit_test(X, Y, alphas, n_permutations: int, permutation_seed: int, observed, block: int,
+                           q: float, encoding_kwargs: dict) -> PermutationResult:
+    """The "refit" test of :func:`permutation_test` through :func:`sequential_null`: each block refits the
+    shuffled rows of the targets still alive (``refit_null_scores`` on those columns, same permutations)."""
+    Y = Y[:, None] if np.ndim(Y) == 1 else Y
+    perms = encoding.row_permutations(np.shape(X)[0], n_permutations, permutation_seed)
+    if observed is None:
+        observed = encoding.cross_validated_ridge(X, Y, alphas, **encoding_kwargs).mean_scores
+    invalid = encoding.invalid_columns(Y, encoding_kwargs.get("dtype", torch.float32))
+    observed = np.where(invalid, np.nan, np.asarray(observed, dtype=np.float64))
+
+    def null_block(rows, cols):
+        return encoding.refit_null_scores(X, Y[:, cols], alphas, perms[rows.start:rows.stop], observed=False,
+                                          **encoding_kwargs)[1]
+
+    seq = sequential_null(observed, null_block, n_permutations, block, q)
+    return PermutationResult(observed=observed, null=seq.null, pvalues=seq.pvalues,
+                             pvalues_gaussian=gaussian_tail_pvalues(observed, seq.null), invalid=invalid,
+                             method="refit", n_shuffles=seq.n_shuffles, stopped=seq.stopped)
 
 
 def pooled_null_pvalues(X, Y, alphas, observed, n_permutations: int, n_pool_targets: int | None = None,
@@ -318,15 +470,22 @@ class ResidualTest:
     null : ndarray (n_permutations, n_targets)
         The same difference with backprop's part that forward does not explain permuted over images.
     pvalues : ndarray (n_targets,)
-        Empirical ``(1 + #{null >= observed}) / (N + 1)``.
+        Empirical ``(1 + #{null >= observed}) / (N + 1)`` (stopped targets: the upper bound of
+        :class:`SequentialNull`).
     pvalues_gaussian : ndarray (n_targets,)
-        Gaussian predictive p-values of the same null (:func:`gaussian_tail_pvalues`).
+        Gaussian predictive p-values of the same null (:func:`gaussian_tail_pvalues`; of the permutations run).
+    n_shuffles : ndarray (n_targets,) int
+        Permutations run per target (N unless stopped).
+    stopped : ndarray (n_targets,) bool
+        Targets stopped early by :func:`sequential_null`.
     """
 
     observed: np.ndarray
     null: np.ndarray
     pvalues: np.ndarray
     pvalues_gaussian: np.ndarray
+    n_shuffles: np.ndarray
+    stopped: np.ndarray
 
 
 def backprop_null_designs(X_forward, X_backprop, n_forward: int, n_backprop: int, n_total: int,
@@ -368,8 +527,8 @@ def backprop_null_designs(X_forward, X_backprop, n_forward: int, n_backprop: int
 
 def residual_permutation_test(X_forward, X_backprop, Y, alphas, n_forward: int = 150, n_backprop: int = 150,
                               n_total: int = 300, n_permutations: int = 1000, permutation_seed: int = 0,
-                              observed: encoding.ResidualResult | None = None,
-                              **encoding_kwargs) -> ResidualTest:
+                              observed: encoding.ResidualResult | None = None, sequential_block: int = 0,
+                              fdr_q: float = 0.05, **encoding_kwargs) -> ResidualTest:
     """Per-target test of "backprop adds nothing beyond forward" for the residual backprop score.
 
     The statistic is the residual itself, ``R(forward_r ++ backprop_r) - R(forward_d)``
@@ -390,6 +549,9 @@ def residual_permutation_test(X_forward, X_backprop, Y, alphas, n_forward: int =
     observed : ResidualResult, optional
         :func:`brainprop.encoding.residual_scores` of the same data and ``encoding_kwargs`` (saves
         its two fits).
+    sequential_block, fdr_q
+        As in :func:`permutation_test`: > 0 refits, block by block, only the targets that can still be
+        significant at BH-FDR ``fdr_q`` of the empirical p-values (:func:`sequential_null`).
     **encoding_kwargs
         As in :func:`brainprop.encoding.cross_validated_ridge`.
 
@@ -402,16 +564,29 @@ def residual_permutation_test(X_forward, X_backprop, Y, alphas, n_forward: int =
     if observed is None:
         observed = encoding.residual_scores(X_forward, X_backprop, Y, alphas, n_forward, n_backprop, n_total,
                                             **encoding_kwargs)
+    if int(sequential_block) < 0:
+        raise ValueError(f"sequential_block must be >= 0, got {sequential_block}")
     forward = observed.forward.mean_scores.astype(np.float64)
-    perms = encoding.row_permutations(np.shape(Y)[0], int(n_permutations), permutation_seed)
-    null = np.full((len(perms), len(forward)), np.nan)
-    designs = backprop_null_designs(X_forward, X_backprop, n_forward, n_backprop, n_total, perms)
-    for k, X in enumerate(designs):
-        null[k] = encoding.cross_validated_ridge(X, Y, alphas, **encoding_kwargs).mean_scores - forward
+    n_perm, n_targets = int(n_permutations), len(forward)
+    perms = encoding.row_permutations(np.shape(Y)[0], n_perm, permutation_seed)
     obs = observed.residual.astype(np.float64)
     obs[observed.joint.invalid] = np.nan
-    return ResidualTest(observed=obs, null=null, pvalues=permutation_pvalues(obs, null),
-                        pvalues_gaussian=gaussian_tail_pvalues(obs, null))
+
+    def null_block(rows, cols):
+        Yc = Y if len(cols) == n_targets else Y[:, cols]
+        designs = backprop_null_designs(X_forward, X_backprop, n_forward, n_backprop, n_total,
+                                        perms[rows.start:rows.stop])
+        return np.stack([encoding.cross_validated_ridge(X, Yc, alphas, **encoding_kwargs).mean_scores - forward[cols]
+                         for X in designs])
+
+    if sequential_block:
+        seq = sequential_null(obs, null_block, n_perm, int(sequential_block), fdr_q)
+        null, pvalues, n_shuffles, stopped = seq.null, seq.pvalues, seq.n_shuffles, seq.stopped
+    else:
+        null = null_block(range(n_perm), np.arange(n_targets))
+        pvalues, n_shuffles, stopped = permutation_pvalues(obs, null), np.full(n_targets, n_perm), np.zeros(n_targets, bool)
+    return ResidualTest(observed=obs, null=null, pvalues=pvalues, pvalues_gaussian=gaussian_tail_pvalues(obs, null),
+                        n_shuffles=n_shuffles, stopped=stopped)
 
 
 @dataclass
@@ -467,6 +642,6 @@ def ttest_across_subjects(scores, q: float = 0.05) -> TimeResolvedTest:
     return TimeResolvedTest(t=t, pvalues=p, pvalues_fdr=p_fdr, significant=significant)
 
 
-__all__ = ["fdr_bh", "permutation_pvalues", "pooled_permutation_pvalues", "gaussian_tail_pvalues", "permutation_test",
+__all__ = ["sequential_null", "SequentialNull", "fdr_bh", "permutation_pvalues", "pooled_permutation_pvalues", "gaussian_tail_pvalues", "permutation_test",
            "PermutationResult", "pooled_null_pvalues", "backprop_null_designs", "residual_permutation_test",
            "ResidualTest", "ttest_across_subjects", "TimeResolvedTest", "PERMUTATION_METHODS"]
