@@ -4,6 +4,7 @@ from pathlib import Path
 
 from brainprop.config import resolve_config
 from brainprop.fmri_arrays import GROUP_ARRAYS as FMRI_GROUP_ARRAYS, SUBJECT_ARRAYS as FMRI_SUBJECT_ARRAYS
+from brainprop.models.benchmark import BENCHMARK_KINDS, BENCHMARK_LAYERS, PRETRAINED
 
 # The run's configuration: base.yaml + overlays + --config, validated (brainprop.config.resolve_config).
 _resolved = resolve_config(workflow.overwrite_configfiles, dict(workflow.config_settings.config),
@@ -14,20 +15,66 @@ config.update(_resolved)
 RESULTS = config["results"]
 DATASETS = config["features"]["datasets"]
 LAYERS = config["features"]["layers"]
+# Models trained here (checkpoints it<N>, layers features.layers) and pretrained benchmark models
+# (one checkpoint, "pretrained"; layers block0..block9, the ten evenly spaced residual blocks).
+TRAINED_MODELS = [m for m, e in config["models"].items() if e["kind"] == "dino_checkpoint"]
+BENCHMARK_MODELS = [m for m, e in config["models"].items() if e["kind"] in BENCHMARK_KINDS]
+
+
+def one_of(names):
+    """A wildcard regex matching exactly these names (none: a regex that matches nothing)."""
+    return "|".join(names) if names else "(?!)"
 
 
 wildcard_constraints:
     dataset="|".join(DATASETS),
     model="[A-Za-z0-9_\-]+",
-    checkpoint=r"it\d+",
+    checkpoint=rf"it\d+|{PRETRAINED}",
 
 
 def checkpoints_of(model):
-    """Checkpoint labels of a model: the training iterations of a model trained here."""
-    entry = config["models"][model]
-    if entry["kind"] == "dino_checkpoint":
+    """Checkpoint labels of a model: the training iterations of a model trained here, or the one
+    pretrained state of a benchmark model."""
+    if model in TRAINED_MODELS:
         return [f"it{it}" for it in config["training"]["checkpoints"]]
-    raise ValueError(f"models.{model}.kind={entry['kind']!r} is not supported")
+    return [PRETRAINED]
+
+
+def layers_of(model):
+    """Layer labels of a model's feature files: features.layers, or block0..block9."""
+    return LAYERS if model in TRAINED_MODELS else BENCHMARK_LAYERS
+
+
+def layers_param(wildcards):
+    return layers_of(wildcards.model)
+
+
+def tiny_model_dir(model):
+    """The demo's tiny random version of a benchmark model (rule tiny_model)."""
+    return f"{RESULTS}/demo/models/{model}"
+
+
+def model_source(model):
+    """Where a benchmark model's weights are read: the demo's tiny folder, or models.<name>.source."""
+    return tiny_model_dir(model) if config["demo"] else config["models"][model]["source"]
+
+
+def model_sources(wildcards):
+    """Weight folders/files a benchmark model reads that exist as paths (its own and, for a CLIP-bridged
+    classifier, its text model's); a hub id read from the local cache is not a file input."""
+    entry = config["models"][wildcards.model]
+    names = [wildcards.model] + ([entry["bridge"]["text_model"]] if "bridge" in entry else [])
+    if config["demo"]:
+        return [tiny_model_dir(m) for m in names]
+    return [model_source(m) for m in names if os.path.exists(model_source(m))]
+
+
+def benchmark_params(wildcards):
+    """A benchmark model's config entry with its resolved source (and its bridge's text model's)."""
+    entry = dict(config["models"][wildcards.model], source=model_source(wildcards.model))
+    if "bridge" in entry:
+        entry["bridge"] = dict(entry["bridge"], text_source=model_source(entry["bridge"]["text_model"]))
+    return entry
 
 
 def data_root(key):
@@ -165,7 +212,8 @@ def modality_subjects(modality):
 
 def _pca_features(wildcards, dataset):
     folder = feature_dir("pca", wildcards.model, wildcards.checkpoint, dataset)
-    return [f"{folder}/{layer}.{s}.npy" for layer in LAYERS for s in ("forward", "backprop")] + [f"{folder}/index.parquet"]
+    return ([f"{folder}/{layer}.{s}.npy" for layer in layers_of(wildcards.model) for s in ("forward", "backprop")]
+            + [f"{folder}/index.parquet"])
 
 
 def nsd_pca_features(wildcards):

@@ -14,7 +14,7 @@ rule encode_nsd:
     log:
         f"{RESULTS}/logs/encoding/fmri_{{model}}_{{checkpoint}}_subj{{subject}}.log",
     params:
-        layers=LAYERS,
+        layers=layers_param,
         encoding=config["encoding"],
         pca=config["features"]["pca"],
         seed=config["seed"],
@@ -38,7 +38,7 @@ rule encode_meg:
     log:
         f"{RESULTS}/logs/encoding/meg_{{model}}_{{checkpoint}}_sub-BIGMEG{{subject}}.log",
     params:
-        layers=LAYERS,
+        layers=layers_param,
         encoding=config["encoding"],
         pca=config["features"]["pca"],
         seed=config["seed"],

@@ -184,7 +184,8 @@ rule fig3_residual:
     log:
         f"{RESULTS}/logs/figures/fig3_residual.log",
     params:
-        fig=figure_params("min_significant", models=list(config["models"])),
+        fig=figure_params("min_significant", models=list(config["models"]),
+                          families={m: e["family"] for m, e in config["models"].items()}),
     script:
         "../workflow/scripts/figure.py"
 

@@ -18,6 +18,7 @@ BASE = ROOT / "config/base.yaml"
 DEMO = ROOT / "config/config.yaml"
 PAPER = ROOT / "config/paper.yaml"
 PAPER_LAYERS = [f"blocks.{i}.mlp.fc2" for i in range(12)]
+BENCHMARK_MODELS = ["vit_mae", "vit_l16", "convnext_l", "resnet50", "owlvit", "clip", "siglip2"]
 PAPER_CHECKPOINTS = [0, 1000, 3000, 10000, 30000, 100000, 300000, 500000]
 FIGURES = ["fig2_hierarchy", "fig3_residual", "fig4_models_mean", "fig5_training", "fig6_training_maps",
            "fig7_training_meg", "figS1_models_hierarchy", "figS2_robustness", "fig_halftime"]
@@ -309,10 +310,16 @@ def real_layout_roots(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def paper_dry_run(real_layout_roots, tmp_path_factory):
-    """The paper config with its roots at the simulated datasets: (overlay file, ``snakemake -n all`` output)."""
+    """The paper config with its roots at the simulated datasets and the pretrained models' weights at
+    local folders: (overlay file, ``snakemake -n all`` output)."""
     overlay = tmp_path_factory.mktemp("overlay") / "roots.yaml"
     paper = _yaml(PAPER)
     paper["data"].update(real_layout_roots)
+    weights = tmp_path_factory.mktemp("weights")
+    paper["models"] = {}
+    for name in BENCHMARK_MODELS:
+        (weights / name).mkdir()
+        paper["models"][name] = {"source": str(weights / name)}
     overlay.write_text(yaml.safe_dump(paper))
     out = snakemake("all", "-n", "--forceall", "--configfile", str(overlay))
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
@@ -330,10 +337,23 @@ def test_paper_dag_with_real_layout_datasets_lists_the_whole_run(paper_dry_run):
         got = {w["checkpoint"] for r, w in jobs if r == "extract_features" and w["dataset"] == dataset
                and w["model"] == "dinov3_s"}
         assert got == ckpts, dataset
-    nsd = {(w["subject"], w["checkpoint"]) for r, w in jobs if r == "encode_nsd"}
-    meg = {(w["subject"], w["checkpoint"]) for r, w in jobs if r == "encode_meg"}
-    assert nsd == {(f"{s:02d}", c) for s in range(1, 9) for c in ckpts}
-    assert meg == {(str(s), c) for s in range(1, 5) for c in ckpts}
+    nsd = {(w["model"], w["subject"], w["checkpoint"]) for r, w in jobs if r == "encode_nsd"}
+    meg = {(w["model"], w["subject"], w["checkpoint"]) for r, w in jobs if r == "encode_meg"}
+    models = {"dinov3_s": ckpts, **{m: {"pretrained"} for m in BENCHMARK_MODELS}}
+    assert nsd == {(m, f"{s:02d}", c) for m, cs in models.items() for s in range(1, 9) for c in cs}
+    assert meg == {(m, str(s), c) for m, cs in models.items() for s in range(1, 5) for c in cs}
+    # the seven pretrained models: one extraction per dataset from their local weights, no tiny demo model
+    bench = {(w["model"], w["dataset"]) for r, w in jobs if r == "extract_benchmark_features"}
+    assert bench == {(m, d) for m in BENCHMARK_MODELS for d in ("things", "nsd")}
+    assert {(w["model"], w["dataset"]) for r, w in jobs if r == "pca_benchmark_features"} == bench
+    assert "tiny_model" not in rules
+    sources = {m: e["source"] for m, e in _yaml(paper_dry_run[0])["models"].items()}
+    for name in BENCHMARK_MODELS:  # each extraction reads its model's folder (and a classifier its CLIP's)
+        inputs = [block for block in re.split(r"\n(?=(?:local)?rule \w+:)", paper_dry_run[1])
+                  if block.startswith("rule extract_benchmark_features:") and f"model={name}," in block]
+        assert inputs and all(sources[name] in block.split("output:")[0] for block in inputs), name
+        if name in ("vit_l16", "convnext_l", "resnet50"):
+            assert all(sources["clip"] in block.split("output:")[0] for block in inputs), name
     assert {w["subject"] for r, w in jobs if r == "prepare_nsd"} == {f"{s:02d}" for s in range(1, 9)}
     assert set(FIGURES) <= rules and "headline" in rules
     assert not rules & {"simulate_nsd", "simulate_meg", "demo_stimuli_things", "demo_stimuli_nsd"}

@@ -49,11 +49,20 @@ def _fill_defaults(instance: dict, schema: dict) -> None:
             instance[name] = json.loads(json.dumps(sub["default"]))
         if name in instance and sub.get("type") == "object":
             _fill_defaults(instance[name], sub)
+    for clause in schema.get("allOf", []):  # defaults of the clauses whose condition holds (e.g. a model's kind)
+        if "if" in clause and isinstance(instance, dict) and _holds(instance, clause["if"]):
+            _fill_defaults(instance, clause["then"])
     extra = schema.get("additionalProperties")
     if isinstance(extra, dict) and extra.get("type") == "object" and isinstance(instance, dict):
         for name, value in instance.items():
             if name not in schema.get("properties", {}):
                 _fill_defaults(value, extra)
+
+
+def _holds(instance: dict, condition: dict) -> bool:
+    import jsonschema
+
+    return jsonschema.Draft7Validator(condition).is_valid(instance)
 
 
 def _unknown_key(path, name: str, allowed: Sequence[str]) -> str:
@@ -114,6 +123,32 @@ def _consistency(config: dict) -> list[str]:
     layers = config.get("features", {}).get("layers", [])
     if layer is not None and layer not in layers:
         out.append(f"robustness.layer ({layer!r}) must be one of features.layers")
+    return out + _model_problems(config.get("models", {}))
+
+
+#: Keys a model entry of each kind may set (besides kind and family).
+KIND_KEYS = {
+    "dino_checkpoint": {"image_size", "forward_network", "loss"},
+    "mae": {"image_size", "source", "mask_ratio", "norm_pix_loss"},
+    "timm": {"image_size", "source", "name", "bridge"},
+    "clip": {"image_size", "source", "bank_size"},
+    "owlvit": {"image_size", "source", "bank_size"},
+    "siglip": {"image_size", "source", "bank_size"},
+}
+
+
+def _model_problems(models: Mapping) -> list[str]:
+    """Keys that do not belong to a model's kind, and CLIP bridges that name no CLIP model."""
+    out = []
+    for name, entry in models.items():
+        kind = entry.get("kind")
+        if kind not in KIND_KEYS:
+            continue
+        for key in sorted(set(entry) - KIND_KEYS[kind] - {"kind", "family"}):
+            out.append(f"models.{name}.{key}: not a key of kind {kind} (its keys: {', '.join(sorted(KIND_KEYS[kind]))})")
+        text = entry.get("bridge", {}).get("text_model") if kind == "timm" else None
+        if text is not None and models.get(text, {}).get("kind") != "clip":
+            out.append(f"models.{name}.bridge.text_model ({text!r}) must name a configured model of kind clip")
     return out
 
 

@@ -311,32 +311,73 @@ def run_feature_extraction(checkpoint: str | os.PathLike, stimulus_table: str | 
     DINO prototypes).
     """
     from brainprop.models import build_image_wise_loss
-    from brainprop.stimuli import StimulusDataset
 
     device = resolve_device(device)
     bank = training_images(bank_tables, bank_roots, model["image_size"]) if bank_tables else None
     loss = build_image_wise_loss(model, checkpoint, seed=seed, device=device, bank_dataset=bank)
-    table = pd.read_parquet(stimulus_table)
-    dataset = StimulusDataset(table, stimulus_root, model["image_size"])
     proj = features["projection"]
     extractor = FeatureExtractor(loss, features["layers"], features["pooling"], features["backprop_target"],
                                  proj["method"], proj["dim"], seed=seed, memory_budget_mb=proj["memory_budget_mb"],
                                  scratch_dir=proj.get("scratch_dir") or out_dir, tokens=features["pooled_tokens"])
+    _extract_and_write(extractor, features["layers"], stimulus_table, stimulus_root, model["image_size"], out_dir,
+                       features["batch_size"], device)
+
+
+def run_benchmark_extraction(stimulus_table: str | os.PathLike, stimulus_root: str | os.PathLike,
+                             out_dir: str | os.PathLike, model: dict, features: dict, seed: int,
+                             device: str | None = None) -> None:
+    """Rule entry point of a pretrained benchmark model (``model["kind"]`` in ``BENCHMARK_KINDS``).
+
+    Forward: the outputs of its ten evenly spaced residual blocks on the model's own view, pooled over
+    tokens (``features.pooling``, ``features.pooled_tokens``; CNN maps over space); backprop: the
+    gradient of the image's own loss (captions from the stimulus table) at those outputs, pooled alike
+    and Gaussian-projected to ``features.projection.dim`` when wider (paper section 2.2: gradients at
+    the residual-block outputs, whatever ``features.backprop_target`` says for the models trained here).
+    Files are ``block0..block9.{forward,backprop}.npy``; ``layers.parquet`` names each block's module,
+    its index among all ``n_blocks`` blocks and its depth index / (n_blocks - 1).
+    """
+    from brainprop.models import build_benchmark_loss
+    from brainprop.models.benchmark import BENCHMARK_LAYERS, captions_of
+
+    device = resolve_device(device)
+    table = pd.read_parquet(stimulus_table)
+    loss = build_benchmark_loss(model, captions_of(table), seed=seed, device=device)
+    proj = features["projection"]
+    extractor = FeatureExtractor(loss, loss.layers, features["pooling"], "output", proj["method"], proj["dim"],
+                                 seed=seed, memory_budget_mb=proj["memory_budget_mb"],
+                                 scratch_dir=proj.get("scratch_dir") or out_dir, tokens=features["pooled_tokens"])
+    _extract_and_write(extractor, BENCHMARK_LAYERS, stimulus_table, stimulus_root, loss.image_size, out_dir,
+                       features["batch_size"], device)
+    index = {name: i for i, name in enumerate(loss.blocks)}
+    save_parquet_atomic(pd.DataFrame({"layer": BENCHMARK_LAYERS, "module": loss.layers,
+                                      "block_index": [index[m] for m in loss.layers], "n_blocks": len(loss.blocks),
+                                      "block_depth": loss.layer_depths}), Path(out_dir) / "layers.parquet")
+
+
+def _extract_and_write(extractor: FeatureExtractor, labels: Sequence[str], stimulus_table, stimulus_root,
+                       image_size: int, out_dir, batch_size: int, device) -> None:
+    """Extract the stimulus table's images and write ``{label}.{forward,backprop}.npy`` (one label per
+    extractor layer), ``index.parquet`` and ``losses.parquet``."""
+    from brainprop.stimuli import StimulusDataset
+
+    table = pd.read_parquet(stimulus_table)
+    dataset = StimulusDataset(table, stimulus_root, image_size)
     Path(extractor.scratch_dir).mkdir(parents=True, exist_ok=True)
-    fwd, bwd, ids, losses = extract_features(extractor, dataset, features["batch_size"], device,
+    fwd, bwd, ids, losses = extract_features(extractor, dataset, batch_size, device,
                                              desc=f"features {Path(out_dir).name}")
     extractor.close()
     if ids != table.image_id.tolist():
         raise RuntimeError("feature rows are out of order with the stimulus table")
     out_dir = Path(out_dir)
-    for name in extractor.layers:
-        save_npy_atomic(out_dir / f"{name}.forward.npy", fwd[name])
-        save_npy_atomic(out_dir / f"{name}.backprop.npy", bwd[name])
+    for label, name in zip(labels, extractor.layers):
+        save_npy_atomic(out_dir / f"{label}.forward.npy", fwd[name])
+        save_npy_atomic(out_dir / f"{label}.backprop.npy", bwd[name])
     save_parquet_atomic(pd.DataFrame({"image_id": ids}), out_dir / "index.parquet")
-    losses["log_k"] = loss.log_k
+    log_k = extractor.loss.log_k
+    losses["log_k"] = log_k
     save_parquet_atomic(losses, out_dir / "losses.parquet")
     log.info("wrote %d layers x 2 signals for %d images to %s; mean loss %.4f, mean target entropy / ln K %.4f",
-             len(extractor.layers), len(ids), out_dir, losses.loss.mean(), (losses.target_entropy / loss.log_k).mean())
+             len(labels), len(ids), out_dir, losses.loss.mean(), (losses.target_entropy / log_k).mean())
 
 
 def run_pca(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, layers: Sequence[str], n_components: int,

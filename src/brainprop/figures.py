@@ -259,8 +259,11 @@ def fig_residual(inputs, params):
     subjects and significance stars."""
     summary = _summaries(inputs, params)
     summary = summary[summary["signal"].isin(PANEL_SIGNALS)]
-    models = list(dict.fromkeys(params["models"]))
-    fig, axes = plt.subplots(2, 3, figsize=(10, 6), layout="constrained", sharey="row")
+    families = params["families"]  # {model: family}, in config order
+    order = list(dict.fromkeys(families.values()))
+    models = sorted(dict.fromkeys(params["models"]), key=lambda m: order.index(families[m]))
+    bounds = [i + 0.5 for i in range(len(models) - 1) if families[models[i]] != families[models[i + 1]]]
+    fig, axes = plt.subplots(2, 3, figsize=(max(10, 1.2 * len(models) * 3 / 2), 6), layout="constrained", sharey="row")
     for row, modality in enumerate(("meg", "fmri")):
         name, color = MODALITIES[modality]
         for col, signal in enumerate(PANEL_SIGNALS):
@@ -274,13 +277,16 @@ def fig_residual(inputs, params):
                 if np.isfinite(score):
                     ax.text(xi, score + sem, st, ha="center", va="bottom", fontsize=10)
             ax.set_xticks(x, models, rotation=30, ha="right")
+            for b in bounds:  # families apart, as in the paper
+                ax.axvline(b, color="0.7", lw=0.6, ls="--")
             ax.axhline(0, color="0.5", lw=0.6)
             ax.set_title(f"{name}: {LABELS[signal]}")
             _label(ax, "ABCDEF"[row * 3 + col])
             if col == 0:
                 ax.set_ylabel("max over time of mean r" if modality == "meg" else "mean r, significant vertices")
             ax.margins(y=0.15)
-    fig.suptitle("Last-layer encoding scores per model (* p < .05, ** p < .01, *** p < .001)")
+    fig.suptitle("Last-layer encoding scores per model, grouped by family (" + ", ".join(order)
+                 + "; * p < .05, ** p < .01, *** p < .001)")
     return fig, _numbers(_summary_rows(summary, "encoding_score"))
 
 

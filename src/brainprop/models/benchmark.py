@@ -22,6 +22,11 @@ import torch.nn.functional as F
 
 #: Blocks of each vision encoder whose outputs give the forward and backprop signals (paper section 2.2).
 N_BLOCKS = 10
+#: Labels of those blocks in the feature files (their module names are in the features' layers.parquet).
+BENCHMARK_LAYERS = [f"block{k}" for k in range(N_BLOCKS)]
+#: ``models.<name>.kind`` of the pretrained benchmark models, and their one checkpoint label.
+BENCHMARK_KINDS = ("mae", "timm", "clip", "owlvit", "siglip")
+PRETRAINED = "pretrained"
 
 
 def evenly_spaced(blocks: Sequence[str], n: int = N_BLOCKS) -> list[str]:
