@@ -37,7 +37,9 @@ Config entry of the model (``models.<name>``, read by :func:`load_mae`):
   ``config.json``, ``model.safetensors`` and ``preprocessor_config.json`` (mean, std, size).
 * ``mask_ratio``: fraction of patches masked in the loss; null = the checkpoint's (0.75 for the
   released weights).
-* ``norm_pix_loss``: standardise each target patch; null = the checkpoint's config value.
+* ``norm_pix_loss``: standardise each target patch; null = the checkpoint's config value, i.e. the
+  target its decoder was trained to predict (the hub's ViT-MAE weights were converted from the MAE
+  release's visualisation checkpoints, trained on unnormalised pixels; check ``config.json``).
 """
 
 from __future__ import annotations
