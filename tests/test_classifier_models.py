@@ -171,8 +171,7 @@ def test_block_output_memory_at_224_px():
 
 
 def test_missing_checkpoint_names_the_key_and_what_to_download(tmp_path, tiny_dirs, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty_cache"))
     for source in (tmp_path / "absent", "timm/no-such-model.none"):
         with pytest.raises(FileNotFoundError, match=r"models\.clf\.source=.*timm resnet50 weights.*download"):
             build(source, "resnet50")
@@ -182,6 +181,19 @@ def test_missing_checkpoint_names_the_key_and_what_to_download(tmp_path, tiny_di
         build(tmp_path / "half", "resnet50")
     with pytest.raises(ValueError, match="holds a 'resnet50', not the configured 'convnext_large'"):
         build(tiny_dirs["resnet50"], "convnext_large")
+
+
+def test_a_hub_id_loads_from_the_local_cache_offline(tmp_path, tiny_dirs, images, monkeypatch):
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--timm--resnet50.tiny" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for f in ("config.json", "model.safetensors"):
+        (snapshot / f).write_bytes((tiny_dirs["resnet50"] / f).read_bytes())
+    (cache / "models--timm--resnet50.tiny" / "refs").mkdir()
+    (cache / "models--timm--resnet50.tiny" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    from_hub = build("timm/resnet50.tiny", "resnet50")(images, IDS)[0]
+    torch.testing.assert_close(from_hub, build(tiny_dirs["resnet50"], "resnet50")(images, IDS)[0], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", NAMES)
