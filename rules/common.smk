@@ -71,7 +71,8 @@ def model_sources(wildcards):
 
 def benchmark_params(wildcards):
     """A benchmark model's config entry with its resolved source (and its bridge's text model's)."""
-    entry = dict(config["models"][wildcards.model], source=model_source(wildcards.model))
+    entry = dict(config["models"][wildcards.model], source=model_source(wildcards.model),
+                 config_key=f"models.{wildcards.model}")
     if "bridge" in entry:
         entry["bridge"] = dict(entry["bridge"], text_source=model_source(entry["bridge"]["text_model"]))
     return entry

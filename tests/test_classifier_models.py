@@ -53,8 +53,9 @@ def tiny_dirs(tmp_path_factory):
 
 
 def build(source, name, templates="simple", temperature=0.01, captions=CAPTIONS):
-    cfg = dict(architecture=name, source=str(source), temperature=temperature, templates=templates)
-    return load_timm_classifier(cfg, captions, seed=0, device="cpu", encode_text=ToyTextEncoder(), name="clf")
+    cfg = dict(name=name, source=str(source), bridge=dict(temperature=temperature, templates=templates))
+    return load_timm_classifier(cfg, captions, seed=0, device="cpu", encode_text=ToyTextEncoder(),
+                                key="models.clf.source")
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@
 iBOT and KoLeo losses and the image-wise loss; ``dino_train`` the training loop.
 """
 
+from brainprop.models.benchmark import BENCHMARK_KINDS
 from brainprop.models.dino import (
     DEFAULT_IMAGEWISE_LOSS_CONFIG,
     DEFAULT_TRAINING_CONFIG,
@@ -52,13 +53,53 @@ def build_image_wise_loss(model: dict, checkpoint, seed: int, device=None, bank_
     if model["kind"] == "dino_checkpoint":
         return ImageWiseDinoLoss(load_checkpoint(checkpoint, device), model.get("loss"), seed,
                                  bank_dataset=bank_dataset, forward_network=model.get("forward_network", "teacher"))
-    raise ValueError(f"model kind {model['kind']!r} is not supported (supported: dino_checkpoint)")
+    raise ValueError(f"model kind {model['kind']!r} is not supported here (supported: dino_checkpoint; the benchmark "
+                     f"kinds {BENCHMARK_KINDS} load through build_benchmark_loss)")
+
+
+def build_benchmark_loss(model: dict, captions: dict, seed: int, device=None):
+    """The image-wise loss of a pretrained benchmark model (``models.<name>`` entry, ``source`` resolved).
+
+    ``captions`` maps image ids to captions (:func:`~brainprop.models.benchmark.captions_of`);
+    ``model["config_key"]`` (``models.<name>``, added by the workflow) names the entry in errors.
+    """
+    from brainprop.models.classifiers import load_timm_classifier
+    from brainprop.models.mae import load_mae
+
+    key = f"{model.get('config_key', 'models.<name>')}.source"
+    loaders = {"mae": load_mae, "timm": load_timm_classifier}
+    if model["kind"] not in loaders:
+        raise ValueError(f"model kind {model['kind']!r} is not a benchmark kind {BENCHMARK_KINDS}")
+    loss = loaders[model["kind"]](model, captions, seed, device=device or "cpu", key=key)
+    if model.get("image_size") not in (None, loss.image_size):
+        raise ValueError(f"{model.get('config_key', 'models.<name>')}.image_size={model['image_size']} but the checkpoint "
+                         f"{model['source']!r} takes {loss.image_size} px; set it to null (the checkpoint's)")
+    return loss
+
+
+def write_tiny_model(model: dict, out_dir, seed: int, captions: list[str]):
+    """Write the demo's tiny random version of a benchmark model to ``out_dir`` (the real checkpoint's layout)."""
+    from brainprop.models.classifiers import write_tiny_timm
+    from brainprop.models.mae import write_tiny_mae
+
+    writers = {"mae": lambda: write_tiny_mae(out_dir, seed), "timm": lambda: write_tiny_timm(model["name"], out_dir, seed)}
+    return writers[model["kind"]]()
+
+
+def run_tiny_model(model: dict, stimulus_tables, out_dir, seed: int) -> None:
+    """Rule entry point: the tiny model of ``model`` (its captions from the stimulus tables) in ``out_dir``."""
+    import pandas as pd
+
+    from brainprop.models.benchmark import captions_of
+
+    captions = sorted({c for t in stimulus_tables for c in captions_of(pd.read_parquet(t)).values()})
+    write_tiny_model(model, out_dir, seed, captions)
 
 __all__ = [
     "DEFAULT_IMAGEWISE_LOSS_CONFIG", "DEFAULT_TRAINING_CONFIG", "DinoCheckpoint", "DinoHead", "DinoModel",
     "ImageWiseDinoLoss", "MultiCropViews", "SinkhornBank", "build_backbone", "build_dino_model", "count_parameters",
     "dino_loss_per_image", "forward_tokens", "ibot_loss_per_image", "koleo_loss", "load_checkpoint", "make_views",
     "plain_view", "resolve_imagewise_config", "initial_checkpoint", "run_training_init", "run_training_segment",
-    "train_segment", "build_image_wise_loss", "resolve_training_config", "save_checkpoint", "sinkhorn_knopp",
+    "train_segment", "build_image_wise_loss", "build_benchmark_loss", "write_tiny_model", "run_tiny_model", "resolve_training_config", "save_checkpoint", "sinkhorn_knopp",
     "softmax_centered", "target_entropy", "train_dino", "training_config_hash",
 ]

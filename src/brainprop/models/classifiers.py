@@ -2,7 +2,7 @@
 
 Models (paper section 2.2): timm ``vit_large_patch16_224`` (supervised ViT), ``convnext_large`` and
 ``resnet50`` (supervised CNNs), each the timm ImageNet-1k classifier of that name (its default
-pretrained tag unless ``architecture`` names one, e.g. ``convnext_large.fb_in22k_ft_in1k``).
+pretrained tag unless ``name`` names one, e.g. ``convnext_large.fb_in22k_ft_in1k``).
 
 Residual blocks (the signals' layers) are found from the network's own structure: every module that
 is a timm ViT ``Block``, ``ConvNeXtBlock`` or ResNet ``Bottleneck``/``BasicBlock``, in module order
@@ -26,9 +26,9 @@ has no text side, so a CLIP text encoder bridges the image's caption to the clas
 The network runs in eval mode (BatchNorm statistics frozen, dropout off), so ``loss_b`` depends on
 image b and its caption only; nothing in the loss is random.
 
-Config entry (``models.<name>``, ``kind: timm_classifier``), read by :func:`load_timm_classifier`:
+Config entry (``models.<name>``, ``kind: timm``), read by :func:`load_timm_classifier`:
 
-* ``architecture``: timm model name, optionally with a pretrained tag (``vit_large_patch16_224``).
+* ``name``: timm model name, optionally with a pretrained tag (``vit_large_patch16_224``).
 * ``source``: the weights, one of: a folder in timm's Hugging Face layout (``config.json`` with the
   ``architecture``, ``model_args`` and ``pretrained_cfg``, and ``model.safetensors``; what
   ``hf download timm/<name>.<tag> --local-dir DIR`` gives and what :func:`write_tiny_timm` writes);
@@ -36,8 +36,9 @@ Config entry (``models.<name>``, ``kind: timm_classifier``), read by :func:`load
   or a single state-dict file (``.safetensors``/``.pth``) for the architecture's default configuration.
   Loaded as ``timm.create_model(architecture, pretrained=True, pretrained_cfg_overlay=dict(file=...))``;
   image size, mean and std come from the (overlaid) pretrained_cfg.
-* ``text_encoder``: source of the CLIP text encoder (:func:`brainprop.models.vlm.clip_text_encoder`).
-* ``temperature`` (0.01) and ``templates`` (``openai`` | ``simple``), as above.
+* ``bridge.text_model``: the configured CLIP model whose text encoder (:func:`brainprop.models.vlm.clip_text_encoder`)
+  embeds captions and prompts (the workflow passes its resolved source as ``bridge.text_source``).
+* ``bridge.temperature`` (0.01) and ``bridge.templates`` (``openai`` | ``simple``), as above.
 
 Cost of the class embeddings: ``openai`` encodes 80 000 prompts, ``simple`` 1000. A CLIP ViT-B text
 transformer (12 x 512, random weights, 2 shared CPU cores) took 7.6 s per 1000 prompts trimmed to
@@ -194,27 +195,23 @@ def create_classifier(architecture: str, source: str, key: str, device=None) -> 
 
 
 def load_timm_classifier(cfg: Mapping, captions: Mapping[str, str], seed: int, device=None,
-                         encode_text: TextEncoder | None = None, name: str | None = None) -> CaptionBridgedLoss:
-    """The caption-bridged loss of a ``kind: timm_classifier`` config entry (keys in the module docstring).
+                         encode_text: TextEncoder | None = None, key: str = "models.<name>.source") -> CaptionBridgedLoss:
+    """The caption-bridged loss of a ``kind: timm`` config entry (keys in the module docstring).
 
-    ``encode_text`` defaults to the CLIP text encoder at ``cfg["text_encoder"]``; ``name`` is the entry's
-    name under ``models`` (for error messages; default the architecture). ``seed`` is unused beyond the
-    builders' common signature: nothing in this loss is random.
+    ``encode_text`` defaults to the CLIP text encoder at ``cfg["bridge"]["text_source"]`` (the resolved
+    source of the bridge's ``text_model``); ``key`` names ``cfg["source"]`` in errors. ``seed`` is unused
+    beyond the builders' common signature: nothing in this loss is random.
     """
     del seed
-    missing = [k for k in ("architecture", "source") if k not in cfg]
-    if missing:
-        raise KeyError(f"timm_classifier config entry lacks {missing} (keys: architecture, source, text_encoder, "
-                       f"temperature, templates)")
-    key = f"models.{name or cfg['architecture']}.source"
-    network = create_classifier(cfg["architecture"], cfg["source"], key, device)
+    network = create_classifier(cfg["name"], cfg["source"], key, device)
+    bridge = cfg["bridge"]
     if encode_text is None:
         from brainprop.models.vlm import clip_text_encoder
 
-        encode_text = clip_text_encoder(cfg["text_encoder"], device)
+        encode_text = clip_text_encoder(bridge["text_source"], device)
     data = network.pretrained_cfg
     return CaptionBridgedLoss(network, encode_text, captions, data["input_size"][-1], data["mean"], data["std"],
-                              cfg.get("temperature", 0.01), cfg.get("templates", "openai"))
+                              bridge["temperature"], bridge["templates"])
 
 
 def _variance_preserving_init(model: torch.nn.Module, seed: int) -> None:
