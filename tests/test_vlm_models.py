@@ -83,8 +83,10 @@ def test_batched_output_gradients_equal_single_image_autograd(losses, kind):
         grads = torch.autograd.grad(single.sum(), [outs[n] for n in loss.layers])
         for n, g in zip(loss.layers, grads):
             assert g.abs().max() > 0
-            # batched vs single-image attention and matmuls: float32 summation order only
-            torch.testing.assert_close(feats[n][b], g.mean(1)[0], rtol=1e-4, atol=1e-7)
+            # batched vs single-image matmuls differ in float32 summation order only: measured at most
+            # 8.4e-7 of the gradient's largest entry over the three tiny models
+            ref = g.mean(1)[0]
+            torch.testing.assert_close(feats[n][b], ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
 def _library_logits(loss, images, texts):
@@ -154,6 +156,41 @@ def test_a_missing_checkpoint_or_tokenizer_names_the_key(tmp_path, folders, kind
         (weights_only / f).write_bytes((folders[kind] / f).read_bytes())
     with pytest.raises(FileNotFoundError, match="tokenizer"):
         LOADERS[kind]({"source": str(weights_only), "bank_size": BANK}, CAPTIONS, SEED)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_patch_tokens_follow_the_cls_token_of_clip_and_owlvit_only(losses, kind):
+    loss = losses[kind]
+    ex = FeatureExtractor(loss, loss.layers[:1], backprop_target="output", tokens="patches")
+    outs = []
+    hook = dict(loss.network.named_modules())[loss.layers[0]].register_forward_hook(lambda m, a, o: outs.append(o))
+    feats = ex.forward(_images(2))
+    hook.remove()
+    n_patches = (32 // 8) ** 2
+    assert ex.n_prefix == (0 if kind == "siglip2" else 1) and outs[0].shape[1] == ex.n_prefix + n_patches
+    torch.testing.assert_close(feats[loss.layers[0]], outs[0][:, ex.n_prefix:].mean(1))
+
+
+def test_siglip2_text_is_lowercased_right_padded_to_its_positions_and_unmasked(losses):
+    text = losses["siglip2"].text
+    seen = {}
+    tokenizer, features = text.tokenizer, text.features
+
+    def recording_tokenizer(texts, **kwargs):
+        seen.update(texts=texts, **kwargs)
+        return tokenizer(texts, **kwargs)
+
+    def recording_features(ids, mask):
+        seen.update(shape=tuple(ids.shape), mask=mask)
+        return features(ids, mask)
+
+    text.tokenizer, text.features = recording_tokenizer, recording_features
+    try:
+        text(["A Giraffe IN a field"], "cpu")
+    finally:
+        text.tokenizer, text.features = tokenizer, features
+    assert seen["texts"] == ["a giraffe in a field"] and seen["padding"] == "max_length"
+    assert seen["padding_side"] == "right" and seen["shape"] == (1, 64) and seen["mask"] is None
 
 
 def test_siglip2_refuses_a_checkpoint_of_another_class(folders):
