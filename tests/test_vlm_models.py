@@ -171,24 +171,22 @@ def test_patch_tokens_follow_the_cls_token_of_clip_and_owlvit_only(losses, kind)
     torch.testing.assert_close(feats[loss.layers[0]], outs[0][:, ex.n_prefix:].mean(1))
 
 
-def test_siglip2_text_is_lowercased_right_padded_to_its_positions_and_unmasked(losses):
+def test_siglip2_text_is_lowercased_right_padded_to_its_positions_and_unmasked(losses, monkeypatch):
     text = losses["siglip2"].text
     seen = {}
-    tokenizer, features = text.tokenizer, text.features
+    tokenizer, features = text.tokenizer, text.model.get_text_features
 
     def recording_tokenizer(texts, **kwargs):
         seen.update(texts=texts, **kwargs)
         return tokenizer(texts, **kwargs)
 
-    def recording_features(ids, mask):
-        seen.update(shape=tuple(ids.shape), mask=mask)
-        return features(ids, mask)
+    def recording_features(input_ids, attention_mask):
+        seen.update(shape=tuple(input_ids.shape), mask=attention_mask)
+        return features(input_ids=input_ids, attention_mask=attention_mask)
 
-    text.tokenizer, text.features = recording_tokenizer, recording_features
-    try:
-        text(["A Giraffe IN a field"], "cpu")
-    finally:
-        text.tokenizer, text.features = tokenizer, features
+    monkeypatch.setattr(text, "tokenizer", recording_tokenizer)
+    monkeypatch.setattr(text.model, "get_text_features", recording_features)
+    text(["A Giraffe IN a field"])
     assert seen["texts"] == ["a giraffe in a field"] and seen["padding"] == "max_length"
     assert seen["padding_side"] == "right" and seen["shape"] == (1, 64) and seen["mask"] is None
 

@@ -54,7 +54,7 @@ import gzip
 import math
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,33 +108,28 @@ def encoder_blocks(network: torch.nn.Module, layer_class: type) -> list[str]:
 
 
 class TextEncoder:
-    """Normalised text embeddings of a vision-language model, without gradient.
+    """Normalised text embeddings (n, d) of a vision-language model's text tower, without gradient,
+    with the text preprocessing of its family (``padding``, ``text_mask``, ``lowercase``)."""
 
-    ``features`` maps (input_ids, attention_mask or None) to (n, d) unnormalised embeddings.
-    """
-
-    def __init__(self, features: Callable, tokenizer, max_length: int, padding: str | bool = True,
-                 mask: bool = True, lowercase: bool = False):
-        self.features, self.tokenizer, self.max_length = features, tokenizer, max_length
-        self.padding, self.mask, self.lowercase = padding, mask, lowercase
+    def __init__(self, model, tokenizer, family: _Family):
+        self.model, self.tokenizer, self.family = model, tokenizer, family
+        self.max_length = int(model.config.text_config.max_position_embeddings)
 
     def tokens(self, texts: Sequence[str]) -> dict:
-        texts = [t.lower() for t in texts] if self.lowercase else list(texts)
-        return self.tokenizer(texts, padding=self.padding, truncation=True, max_length=self.max_length,
+        texts = [t.lower() for t in texts] if self.family.lowercase else list(texts)
+        return self.tokenizer(texts, padding=self.family.padding, truncation=True, max_length=self.max_length,
                               padding_side="right", return_tensors="pt")
 
     @torch.no_grad()
-    def __call__(self, texts: Sequence[str], device) -> torch.Tensor:
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        device = next(self.model.parameters()).device
         out = []
         for start in range(0, len(texts), TEXT_BATCH):
             tok = self.tokens(texts[start:start + TEXT_BATCH])
-            mask = tok["attention_mask"].to(device) if self.mask else None
-            out.append(F.normalize(self.features(tok["input_ids"].to(device), mask).float(), dim=-1))
+            mask = tok["attention_mask"].to(device) if self.family.text_mask else None
+            emb = self.model.get_text_features(input_ids=tok["input_ids"].to(device), attention_mask=mask).pooler_output
+            out.append(F.normalize(emb.float(), dim=-1))
         return torch.cat(out)
-
-
-def _pooled(output) -> torch.Tensor:
-    return output.pooler_output
 
 
 class VisionLanguageLoss(BenchmarkLoss):
@@ -164,27 +159,24 @@ class VisionLanguageLoss(BenchmarkLoss):
         self.image_size = int(model.config.vision_config.image_size)
         self.mean, self.std = list(mean), list(std)
         self.objective = family.objective
-        text_features = lambda ids, mask: _pooled(model.get_text_features(input_ids=ids, attention_mask=mask))  # noqa: E731
-        self.text = TextEncoder(text_features, tokenizer, int(model.config.text_config.max_position_embeddings),
-                                family.padding, family.text_mask, family.lowercase)
+        self.text = TextEncoder(model, tokenizer, family)
         self.bank = caption_bank(self.captions, bank_size, seed)
-        self.bank_embeddings = self.text(self.bank, self.device)  # (bank_size, d)
+        self.bank_embeddings = self.text(self.bank)  # (bank_size, d), once
         self.log_k = math.log(bank_size + 1)
 
     def image_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, d) normalised image embeddings of a preprocessed batch, with gradient."""
         pooled = self.network(pixel_values=pixels).pooler_output
-        if self.objective == "infonce":  # CLIP, OWL-ViT: the CLS output goes through the visual projection
-            pooled = self.model.visual_projection(pooled)
-        return F.normalize(pooled, dim=-1)
+        projection = getattr(self.model, "visual_projection", None)  # CLIP, OWL-ViT; SigLIP's tower ends in its head
+        return F.normalize(pooled if projection is None else projection(pooled), dim=-1)
 
     def logits(self, images_uint8: torch.Tensor, image_ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, 1 + bank_size) of each image against [own caption, bank], and the mask of the
         bank captions that equal the image's own caption (False at column 0)."""
         own = self.caption(image_ids)
-        texts = torch.cat([self.text(own, self.device)[:, None], self.bank_embeddings.expand(len(own), -1, -1)], 1)
         v = self.image_embeddings(self.plain_view(images_uint8))
-        logits = self.model.logit_scale.exp() * torch.einsum("bd,bkd->bk", v, texts)
+        cosines = torch.cat([(v * self.text(own)).sum(1, keepdim=True), v @ self.bank_embeddings.T], dim=1)
+        logits = self.model.logit_scale.exp() * cosines
         if self.objective == "sigmoid":
             logits = logits + self.model.logit_bias
         same = torch.tensor([[False] + [c == b for b in self.bank] for c in own], device=logits.device)
@@ -262,7 +254,7 @@ def load_siglip2(cfg: Mapping, captions: Mapping[str, str], seed: int, device=No
     return load_vision_language("siglip2", cfg, captions, seed, device, key)
 
 
-def clip_text_encoder(source: str, device=None, key: str = "bridge.clip_source") -> Callable[[list[str]], torch.Tensor]:
+def clip_text_encoder(source: str, device=None, key: str = "bridge.clip_source") -> TextEncoder:
     """``encode(texts) -> (n, d)`` normalised CLIP text embeddings (no gradient) of the CLIP at ``source``."""
     from transformers import CLIPModel
 
@@ -271,12 +263,7 @@ def clip_text_encoder(source: str, device=None, key: str = "bridge.clip_source")
     if device is not None:
         model = model.to(device)
     tokenizer = _load_tokenizer(str(source), what, key, model.config.text_config.vocab_size)
-    family = FAMILIES["clip"]
-    encoder = TextEncoder(lambda ids, mask: model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output,
-                          tokenizer, int(model.config.text_config.max_position_embeddings), family.padding,
-                          family.text_mask, family.lowercase)
-    target = next(model.parameters()).device
-    return lambda texts: encoder(list(texts), target)
+    return TextEncoder(model, tokenizer, FAMILIES["clip"])
 
 
 # --- tiny versions for the demo -------------------------------------------------------------------
@@ -336,7 +323,8 @@ def write_tiny_clip(out_dir: str | os.PathLike, seed: int, vision_layers: int = 
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = CLIPModel(CLIPConfig(text_config=text, vision_config=_tiny_vision(vision_layers), projection_dim=TINY_PROJECTION))
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=_tiny_vision(vision_layers),
+                                     projection_dim=TINY_PROJECTION))
     processor = _tiny_image_processor(CLIPImageProcessor, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
     return _save(model, tokenizer, processor, out_dir)
 
