@@ -37,7 +37,15 @@ Config entry keys (``models.<name>``):
   transformers lists as UNEXPECTED keys), ``google/siglip2-base-patch16-224`` (fixed resolution:
   its config's ``model_type`` is ``siglip``, so ``AutoModel`` builds a ``SiglipModel``; the NaFlex
   ids are ``siglip2`` models and are refused).
-* ``bank_size``: number of negative captions (paper scale 255: 256 scored captions per image).
+* ``bank_size``: number of negative captions; at most the number of unique stimulus captions (a
+  clear error otherwise). The paper names only "native image-text similarity"; 255 negatives (256
+  scored captions per image, a CLIP-style batch) is this workflow's choice at the real scale.
+
+The loss resizes to the tower's own input size (224 px for CLIP ViT-B/16 and SigLIP2-B/16-224,
+768 px for OWL-ViT B/32, 32 px for the tiny ones): reading the stimuli at that ``image_size`` resizes
+them once. Builders (:func:`load_clip`, :func:`load_owlvit`, :func:`load_siglip2`) take the entry,
+the captions, the seed and the device; ``key`` names the entry's source in errors. A source folder
+without tokenizer files is refused (transformers would build an empty tokenizer from it).
 
 Tiny versions for the demo (:func:`write_tiny_clip`, :func:`write_tiny_owlvit`,
 :func:`write_tiny_siglip2`): random models of the same classes, vision tower 10 layers of width 32
