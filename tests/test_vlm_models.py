@@ -230,9 +230,10 @@ def test_the_tiny_model_blocks_differ(losses, kind):
     fwd, bwd = ex.forward(images), ex.backprop(images, ids)
     for signal in (fwd, bwd):
         x = [signal[n] - signal[n].mean(0) for n in loss.layers]  # image-by-image variation at each block
+        # measured: consecutive blocks differ by >= 0.19 of their norm, first vs last cosine <= 0.85
         for a, b in zip(x, x[1:]):
-            assert (a - b).norm() > 0.05 * a.norm()  # consecutive chosen blocks are not near-identical
-        assert torch.nn.functional.cosine_similarity(x[0].flatten(), x[-1].flatten(), dim=0) < 0.95
+            assert (a - b).norm() > 0.1 * a.norm()  # consecutive chosen blocks are not near-identical
+        assert torch.nn.functional.cosine_similarity(x[0].flatten(), x[-1].flatten(), dim=0) < 0.9
 
 
 @pytest.mark.parametrize("kind", KINDS)
