@@ -15,6 +15,7 @@ from brainprop.scoring import (
     encode_meg_subject,
     encode_nsd_subject,
     group_meg,
+    layer_dims,
     residual_pvalues,
     score_subject,
     signal_pvalues,
@@ -53,6 +54,25 @@ def test_residual_is_joint_minus_forward_and_recovers_planted_backprop():
     assert abs(s[0, 3, 0]) < 0.05  # forward target: no residual beyond forward
     assert np.all(np.abs(s[:, :, 2]) < 0.2)  # noise target
     assert np.isnan(out["pvalues"]).all()  # no permutations asked
+
+
+def test_a_narrow_layer_is_encoded_at_one_dimension_for_every_signal():
+    """A layer with fewer PCA columns than features.pca.dim (ResNet-50's 256 channels at the paper's 300):
+    forward, backprop and forward+backprop all at 2 x residual_dim, residual_dim = half its columns."""
+    assert layer_dims(300, 300, 300, 150) == (300, 150)
+    assert layer_dims(256, 300, 300, 150) == (256, 128) and layer_dims(300, 7, 300, 150) == (6, 3)
+    feats, y = planted(d=10)
+    narrow = {k: (v[:, :5] if k[0] == "l0" else v) for k, v in feats.items()}
+    out = score_subject(narrow, LAYERS, y, ENCODING, dim=8, residual_dim=4, seed=0)
+    alphas = np.logspace(0, 4, 5)
+    kw = dict(n_splits=3, seed=0, dtype="float64", progress=False)
+    ref_f = cross_validated_ridge(narrow[("l0", "forward")][:, :4], y, alphas, **kw)
+    np.testing.assert_allclose(out["scores"][0, 0], ref_f.mean_scores, atol=1e-6)
+    ref = residual_scores(narrow[("l0", "forward")], narrow[("l0", "backprop")], y, alphas, 2, 2, 4, **kw)
+    np.testing.assert_allclose(out["scores"][0, 3], ref.residual, atol=1e-6)
+    # the wide layer keeps the configured dimensions
+    ref_b = cross_validated_ridge(feats[("l1", "backprop")][:, :8], y, alphas, **kw)
+    np.testing.assert_allclose(out["scores"][1, 1], ref_b.mean_scores, atol=1e-6)
 
 
 def test_nsd_subject_tables_with_permutations(tmp_path):

@@ -133,7 +133,7 @@ KIND_KEYS = {
     "timm": {"image_size", "source", "name", "bridge"},
     "clip": {"image_size", "source", "bank_size"},
     "owlvit": {"image_size", "source", "bank_size"},
-    "siglip": {"image_size", "source", "bank_size"},
+    "siglip2": {"image_size", "source", "bank_size"},
 }
 
 

@@ -106,6 +106,23 @@ def residual_layers(layers: Sequence[str], which: str) -> list[str]:
     return list(layers) if which == "all" else list(layers[-1:])
 
 
+def layer_dims(forward_dim: int, backprop_dim: int, dim: int, residual_dim: int, layer: str = "") -> tuple[int, int]:
+    """(dim, residual_dim) of a layer whose PCA features have ``forward_dim`` / ``backprop_dim`` columns.
+
+    With enough columns, the configured ``features.pca.dim`` and ``residual_dim``. A narrower layer (a
+    ResNet-50 block of 256 channels at the paper's 300, a tiny demo model) gets ``residual_dim = min(
+    residual_dim, forward_dim // 2, backprop_dim // 2)`` and ``dim = 2 * residual_dim``, so that forward,
+    backprop and forward+backprop are still fitted at one dimension and the residual stays a comparison
+    of equal-sized models.
+    """
+    if min(forward_dim, backprop_dim) >= dim:
+        return dim, residual_dim
+    rd = min(residual_dim, forward_dim // 2, backprop_dim // 2)
+    log.warning("%s: %d forward / %d backprop components < features.pca.dim %d: encoding at %d (%d + %d for the "
+                "residual)", layer, forward_dim, backprop_dim, dim, 2 * rd, rd, rd)
+    return 2 * rd, rd
+
+
 def score_subject(features: dict, layers: Sequence[str], Y: np.ndarray, encoding: dict, dim: int,
                   residual_dim: int, seed: int, permutations: bool = False) -> dict[str, np.ndarray]:
     """Encode ``Y`` (n_images, n_targets) from every layer and signal.
@@ -126,10 +143,11 @@ def score_subject(features: dict, layers: Sequence[str], Y: np.ndarray, encoding
     tested = residual_layers(layers, encoding["residual"]["layers"]) if encoding["residual"]["n"] else []
     for li, layer in enumerate(tqdm(layers, desc="encoding", unit="layer")):
         fwd, bwd = features[(layer, "forward")], features[(layer, "backprop")]
-        res = residual_scores(fwd, bwd, Y, alphas, residual_dim, residual_dim, dim, **kw)
-        fits = {"forward": (fwd[:, :dim], res.forward),
-                "backprop": (bwd[:, :dim], cross_validated_ridge(bwd[:, :dim], Y, alphas, **kw)),
-                "forward+backprop": (residual_inputs(fwd, bwd, residual_dim, residual_dim, dim)[0], res.joint)}
+        d, rd = layer_dims(fwd.shape[1], bwd.shape[1], dim, residual_dim, layer)
+        res = residual_scores(fwd, bwd, Y, alphas, rd, rd, d, **kw)
+        fits = {"forward": (fwd[:, :d], res.forward),
+                "backprop": (bwd[:, :d], cross_validated_ridge(bwd[:, :d], Y, alphas, **kw)),
+                "forward+backprop": (residual_inputs(fwd, bwd, rd, rd, d)[0], res.joint)}
         for si, signal in enumerate(FITTED):
             X, fit = fits[signal]
             out["split_scores"][li, si], out["alphas"][li, si] = fit.scores, fit.alphas
@@ -139,7 +157,7 @@ def score_subject(features: dict, layers: Sequence[str], Y: np.ndarray, encoding
                                                         seed + 1 + li * 4 + si)
         out["scores"][li, 3] = res.residual
         if permutations and layer in tested:
-            out["pvalues"][li, 3] = residual_pvalues(fwd, bwd, Y, res, encoding, dim, residual_dim, seed,
+            out["pvalues"][li, 3] = residual_pvalues(fwd, bwd, Y, res, encoding, d, rd, seed,
                                                      seed + 4 + li * 4)
     return out
 

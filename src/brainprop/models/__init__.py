@@ -65,9 +65,11 @@ def build_benchmark_loss(model: dict, captions: dict, seed: int, device=None):
     """
     from brainprop.models.classifiers import load_timm_classifier
     from brainprop.models.mae import load_mae
+    from brainprop.models.vlm import load_clip, load_owlvit, load_siglip2
 
     key = f"{model.get('config_key', 'models.<name>')}.source"
-    loaders = {"mae": load_mae, "timm": load_timm_classifier}
+    loaders = {"mae": load_mae, "timm": load_timm_classifier, "clip": load_clip, "owlvit": load_owlvit,
+               "siglip2": load_siglip2}
     if model["kind"] not in loaders:
         raise ValueError(f"model kind {model['kind']!r} is not a benchmark kind {BENCHMARK_KINDS}")
     loss = loaders[model["kind"]](model, captions, seed, device=device or "cpu", key=key)
@@ -81,8 +83,11 @@ def write_tiny_model(model: dict, out_dir, seed: int, captions: list[str]):
     """Write the demo's tiny random version of a benchmark model to ``out_dir`` (the real checkpoint's layout)."""
     from brainprop.models.classifiers import write_tiny_timm
     from brainprop.models.mae import write_tiny_mae
+    from brainprop.models.vlm import write_tiny_clip, write_tiny_owlvit, write_tiny_siglip2
 
-    writers = {"mae": lambda: write_tiny_mae(out_dir, seed), "timm": lambda: write_tiny_timm(model["name"], out_dir, seed)}
+    writers = {"mae": lambda: write_tiny_mae(out_dir, seed), "timm": lambda: write_tiny_timm(model["name"], out_dir, seed),
+               "clip": lambda: write_tiny_clip(out_dir, seed), "owlvit": lambda: write_tiny_owlvit(out_dir, seed),
+               "siglip2": lambda: write_tiny_siglip2(out_dir, seed, captions)}
     return writers[model["kind"]]()
 
 

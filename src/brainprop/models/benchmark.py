@@ -25,7 +25,7 @@ N_BLOCKS = 10
 #: Labels of those blocks in the feature files (their module names are in the features' layers.parquet).
 BENCHMARK_LAYERS = [f"block{k}" for k in range(N_BLOCKS)]
 #: ``models.<name>.kind`` of the pretrained benchmark models, and their one checkpoint label.
-BENCHMARK_KINDS = ("mae", "timm", "clip", "owlvit", "siglip")
+BENCHMARK_KINDS = ("mae", "timm", "clip", "owlvit", "siglip2")
 PRETRAINED = "pretrained"
 
 

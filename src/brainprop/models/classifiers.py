@@ -208,7 +208,7 @@ def load_timm_classifier(cfg: Mapping, captions: Mapping[str, str], seed: int, d
     if encode_text is None:
         from brainprop.models.vlm import clip_text_encoder
 
-        encode_text = clip_text_encoder(bridge["text_source"], device)
+        encode_text = clip_text_encoder(bridge["text_source"], device, key=f"models.{bridge['text_model']}.source")
     data = network.pretrained_cfg
     return CaptionBridgedLoss(network, encode_text, captions, data["input_size"][-1], data["mean"], data["std"],
                               bridge["temperature"], bridge["templates"])

@@ -262,7 +262,7 @@ def load_siglip2(cfg: Mapping, captions: Mapping[str, str], seed: int, device=No
     return load_vision_language("siglip2", cfg, captions, seed, device, key)
 
 
-def clip_text_encoder(source: str, device=None, key: str = "bridge.clip_source") -> TextEncoder:
+def clip_text_encoder(source: str, device=None, key: str = "models.clip.source") -> TextEncoder:
     """``encode(texts) -> (n, d)`` normalised CLIP text embeddings (no gradient) of the CLIP at ``source``."""
     from transformers import CLIPModel
 
