@@ -134,7 +134,18 @@ def test_the_library_defaults_are_the_method():
     (lambda c: c["features"].__setitem__("pooling", "max"), r"features\.pooling: 'max' is not one of"),
     (lambda c: c["features"]["pca"].__setitem__("residual_dim", 100), r"residual_dim \(100\) must be <= features\.pca\.dim"),
     (lambda c: c["training"].__setitem__("checkpoints", [0, 10_000]), r"training\.checkpoints: 10000 exceeds"),
-    (lambda c: c["figures"].__setitem__("model", "clip"), r"figures\.model \('clip'\) must be one of the models"),
+    (lambda c: c["figures"].__setitem__("model", "dino"), r"figures\.model \('dino'\) must be one of the models"),
+    (lambda c: c["figures"].__setitem__("model", "clip"), r"figures\.model \('clip'\) must be a model trained here"),
+    (lambda c: c["models"]["clip"].__setitem__("loss", {}), r"models\.clip\.loss: not a key of kind clip"),
+    (lambda c: c["models"]["vit_l16"]["bridge"].__setitem__("text_model", "vit_mae"),
+     r"models\.vit_l16\.bridge\.text_model \('vit_mae'\) must name a configured model of kind clip"),
+    (lambda c: c["models"]["clip"].pop("source"), r"models\.clip: 'source' is a required property"),
+    (lambda c: c["models"]["owlvit"].__setitem__("kind", "owl"), r"models\.owlvit\.kind: 'owl' is not one of"),
+    (lambda c: c["models"]["vit_mae"].__setitem__("mask_ratio", 1.5), r"models\.vit_mae\.mask_ratio: 1\.5 is greater"),
+    (lambda c: c.__setitem__("selected_models", ["clip", "owl"]), r"selected_models: \['owl'\] are not models"),
+    (lambda c: c.__setitem__("selected_models", ["clip"]), r"selected_models must include figures\.model \('dinov3_s'\)"),
+    (lambda c: c.__setitem__("selected_models", ["dinov3_s", "resnet50"]),
+     r"selected_models must include 'clip', the CLIP bridge of 'resnet50'"),
     (lambda c: c["figures"].__setitem__("stages", [10, 20]), r"figures\.stages \[20\] are not in training\.checkpoints"),
     (lambda c: c["robustness"].__setitem__("layer", "head"), r"robustness\.layer \('head'\) must be one of features\.layers"),
 ])
@@ -143,6 +154,14 @@ def test_bad_configs_name_the_key(mutate, message):
     mutate(cfg)
     with pytest.raises(ConfigError, match=message):
         validate_config(cfg, SCHEMA)
+
+
+def test_selected_models_reduce_the_run_to_those_models(tmp_path):
+    overlay = tmp_path / "two.yaml"
+    overlay.write_text("selected_models: [clip, dinov3_s]\n")
+    cfg = resolve_config([str(overlay)], workflow_dir=ROOT, workdir=tmp_path)
+    assert list(cfg["models"]) == ["dinov3_s", "clip"]
+    assert list(resolve_config([], workflow_dir=ROOT, workdir=tmp_path)["models"])[:2] == ["dinov3_s", "vit_mae"]
 
 
 def test_a_key_with_no_near_match_gets_no_suggestion():

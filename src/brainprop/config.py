@@ -123,6 +123,18 @@ def _consistency(config: dict) -> list[str]:
     layers = config.get("features", {}).get("layers", [])
     if layer is not None and layer not in layers:
         out.append(f"robustness.layer ({layer!r}) must be one of features.layers")
+    chosen = config.get("selected_models")
+    if chosen is not None:
+        unknown = [m for m in chosen if m not in config.get("models", {})]
+        if unknown:
+            out.append(f"selected_models: {unknown} are not models (models: {sorted(config.get('models', {}))})")
+        for key, name in (("figures.model", fig.get("model")), ("simulation.model", sim.get("model"))):
+            if name not in chosen and (key == "figures.model" or config.get("demo", True)):
+                out.append(f"selected_models must include {key} ({name!r})")
+        for name in chosen:
+            text = config.get("models", {}).get(name, {}).get("bridge", {}).get("text_model")
+            if text is not None and text not in chosen:
+                out.append(f"selected_models must include {text!r}, the CLIP bridge of {name!r}")
     return out + _model_problems(config.get("models", {}))
 
 
@@ -216,7 +228,15 @@ def resolve_config(configfiles: Sequence[str | os.PathLike] | None = None, overr
     for path in config_stack(configfiles, workflow_dir, workdir):
         config = merge_config(config, _load_yaml(path))
     config = merge_config(config, overrides or {})
-    return validate_config(config, workflow_dir / SCHEMA)
+    return select_models(validate_config(config, workflow_dir / SCHEMA))
+
+
+def select_models(config: dict) -> dict:
+    """``config`` with ``models`` reduced to ``selected_models`` (in the order of ``models``), when given."""
+    chosen = config.get("selected_models")
+    if chosen is not None:
+        config["models"] = {name: entry for name, entry in config["models"].items() if name in chosen}
+    return config
 
 
 def config_hash(section: dict) -> str:
