@@ -13,8 +13,11 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -e '.[test]'
 	touch $@
 
+# GPU rules at once: one per CUDA device; on a machine without one they run on the CPU, as many as cores.
+GPU_JOBS = $$($(BIN)/python -c "import os, torch; print(torch.cuda.device_count() or os.cpu_count())")
+
 demo: $(BIN)/.installed
-	$(BIN)/snakemake --profile profiles/local --cores $(CORES) all
+	$(BIN)/snakemake --profile profiles/local --cores $(CORES) --resources gpu=$(GPU_JOBS) all
 	$(BIN)/snakemake --profile profiles/local --cores $(CORES) all --report results/report.html
 
 test: $(BIN)/.installed
