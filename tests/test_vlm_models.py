@@ -293,5 +293,5 @@ def test_clip_text_encoder_gives_normalised_clip_text_embeddings(folders, losses
         ref = model.get_text_features(**tok).pooler_output
     assert emb.shape == (2, 32) and not emb.requires_grad
     torch.testing.assert_close(emb, ref / ref.norm(dim=-1, keepdim=True), rtol=1e-5, atol=1e-6)
-    with pytest.raises(FileNotFoundError, match=r"bridge\.clip_source"):
+    with pytest.raises(FileNotFoundError, match=r"models\.clip\.source"):
         clip_text_encoder("/nonexistent/clip")
