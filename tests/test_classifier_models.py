@@ -27,6 +27,8 @@ from brainprop.models.classifiers import (
     write_tiny_timm,
 )
 
+from autograd_reference import single_image_output_grads
+
 NAMES = list(TINY_ARGS)  # vit_large_patch16_224, convnext_large, resnet50
 IDS = ["img_a", "img_b", "img_c"]
 CAPTIONS = {"img_a": "a dog running on the beach", "img_b": "a plate of pasta with tomato", "img_c": "a red car",
@@ -78,15 +80,9 @@ def test_batch_output_gradients_equal_single_image_autograd(losses, images, name
     loss = losses[name]
     ex = FeatureExtractor(loss, loss.layers, pooling="mean", backprop_target="output", projection="none")
     feats = ex.backprop(images, IDS)
-    modules = dict(loss.network.named_modules())
     for b in range(len(IDS)):
-        outs = {}
-        handles = [modules[n].register_forward_hook(lambda m, a, o, n=n: outs.__setitem__(n, o)) for n in loss.layers]
-        value, _ = loss(images[b:b + 1], IDS[b:b + 1])
-        for h in handles:
-            h.remove()
-        grads = torch.autograd.grad(value.sum(), [outs[n] for n in loss.layers])
-        for n, g in zip(loss.layers, grads):
+        value, grads = single_image_output_grads(loss, images[b:b + 1], IDS[b:b + 1])
+        for n, g in grads.items():
             ref = _pool(g)[0]
             assert ref.abs().max() > 0
             # batched vs single-image float32 kernels (oneDNN picks other conv algorithms per batch size):

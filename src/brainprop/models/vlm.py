@@ -321,36 +321,37 @@ def _tiny_image_processor(cls, mean, std):
     return cls(size={"height": size, "width": size}, image_mean=mean, image_std=std)
 
 
-def write_tiny_clip(out_dir: str | os.PathLike, seed: int, vision_layers: int = 10) -> Path:
-    """A tiny random ``CLIPModel`` with the real CLIP tokenizer, saved like a hub checkpoint."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+def _write_tiny_clip_like(out_dir, seed: int, vision_layers: int, names: tuple[str, str, str], pad_token: str,
+                          text_positions: int) -> Path:
+    """A tiny random CLIP-style model (transformers class names: config, model, image processor) with the
+    real CLIP BPE tokenizer, saved like a hub checkpoint."""
+    import transformers
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-    tokenizer = clip_bpe_tokenizer()
-    text = dict(TINY_TEXT, vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config_cls, model_cls, processor_cls = (getattr(transformers, n) for n in names)
+    tokenizer = clip_bpe_tokenizer(pad_token=pad_token)
+    text = dict(TINY_TEXT, vocab_size=len(tokenizer), max_position_embeddings=text_positions,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = CLIPModel(CLIPConfig(text_config=text, vision_config=_tiny_vision(vision_layers),
+        model = model_cls(config_cls(text_config=text, vision_config=_tiny_vision(vision_layers),
                                      projection_dim=TINY_PROJECTION))
-    processor = _tiny_image_processor(CLIPImageProcessor, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    processor = _tiny_image_processor(processor_cls, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
     return _save(model, tokenizer, processor, out_dir)
+
+
+def write_tiny_clip(out_dir: str | os.PathLike, seed: int, vision_layers: int = 10) -> Path:
+    """A tiny random ``CLIPModel`` with the real CLIP tokenizer, saved like a hub checkpoint."""
+    return _write_tiny_clip_like(out_dir, seed, vision_layers, ("CLIPConfig", "CLIPModel", "CLIPImageProcessor"),
+                                 "<|endoftext|>", 77)
 
 
 def write_tiny_owlvit(out_dir: str | os.PathLike, seed: int, vision_layers: int = 10) -> Path:
-    """A tiny random ``OwlViTForObjectDetection`` (the layout of the real detection checkpoints)."""
-    from transformers import OwlViTConfig, OwlViTForObjectDetection, OwlViTImageProcessor
-    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
-    tokenizer = clip_bpe_tokenizer(pad_token="!")  # OWL-ViT pads with "!" (id 0) and pools at the highest id
-    text = dict(TINY_TEXT, vocab_size=len(tokenizer), max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = OwlViTForObjectDetection(OwlViTConfig(text_config=text, vision_config=_tiny_vision(vision_layers),
-                                                      projection_dim=TINY_PROJECTION))
-    processor = _tiny_image_processor(OwlViTImageProcessor, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-    return _save(model, tokenizer, processor, out_dir)
+    """A tiny random ``OwlViTForObjectDetection`` (the layout of the real detection checkpoints); OWL-ViT pads
+    with "!" (id 0), pools at the highest id and has 16 text positions."""
+    return _write_tiny_clip_like(out_dir, seed, vision_layers,
+                                 ("OwlViTConfig", "OwlViTForObjectDetection", "OwlViTImageProcessor"), "!", 16)
 
 
 def train_caption_tokenizer(captions: Sequence[str], vocab_size: int = 512):
