@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml
 GPU_JOBS = $$($(BIN)/python -c "import os, torch; print(torch.cuda.device_count() or os.cpu_count())")
 
 demo: $(BIN)/.installed
-	$(BIN)/snakemake --profile profiles/local --cores $(CORES) --resources gpu=$(GPU_JOBS) all
+	$(BIN)/snakemake all --profile profiles/local --cores $(CORES) --resources gpu=$(GPU_JOBS)
 	$(BIN)/snakemake --profile profiles/local --cores $(CORES) all --report results/report.html
 
 test: $(BIN)/.installed
