@@ -109,7 +109,15 @@ def test_every_gpu_rule_is_routed_by_the_slurm_profile():
         for name, body in re.findall(r"^rule (\w+):\n(.*?)(?=^\S|\Z)", smk.read_text(), re.M | re.S):
             rules[name] = body
     assert "stimulus_table" in rules and "pca_features" in rules  # the parser sees the rules
-    declared = sorted(name for name, body in rules.items() if re.search(r"^\s+gpu\s*=\s*1\b", body, re.M))
+    gpu = {name for name, body in rules.items() if re.search(r"^\s+gpu\s*=\s*1\b", body, re.M)}
+    for smk in (ROOT / "rules").glob("*.smk"):  # `use rule A as B with:` inherits A's resources unless it sets its own
+        for parent, name, body in re.findall(r"^use rule (\w+) as (\w+) with:\n(.*?)(?=^\S|\Z)", smk.read_text(),
+                                             re.M | re.S):
+            own = re.search(r"^\s+resources:", body, re.M)
+            if (re.search(r"^\s+gpu\s*=\s*1\b", body, re.M) if own else parent in gpu):
+                gpu.add(name)
+    assert "extract_benchmark_features" in gpu  # the parser sees inherited resources
+    declared = sorted(gpu)
     profile = _profile()
     assert declared == _gpu_rules(profile) and declared
     assert all(profile["set-resources"][r]["slurm_partition"] for r in declared)
