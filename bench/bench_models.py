@@ -64,7 +64,7 @@ def throughput(root: Path, batch: int, repeats: int, seed: int = 0) -> list[dict
         if entry["kind"] == "timm":
             entry = {**entry, "bridge": {"text_model": "clip", "text_source": tiny["clip"]["source"],
                                          "temperature": 0.01, "templates": "simple"}}
-        loss = build_benchmark_loss(entry, {i: captions[k] for k, i in enumerate(ids)}, seed)
+        loss = build_benchmark_loss(entry, {f"img{k}": c for k, c in enumerate(captions)}, seed)
         ex = FeatureExtractor(loss, loss.layers, "mean", "output", "gaussian", 128, seed=seed)
         batched = _timed(lambda: (ex.forward(images), ex.backprop(images, ids)), repeats)
         single = _timed(lambda: [(ex.forward(images[b:b + 1]), ex.backprop(images[b:b + 1], ids[b:b + 1]))
