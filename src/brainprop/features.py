@@ -319,8 +319,8 @@ def run_feature_extraction(checkpoint: str | os.PathLike, stimulus_table: str | 
     extractor = FeatureExtractor(loss, features["layers"], features["pooling"], features["backprop_target"],
                                  proj["method"], proj["dim"], seed=seed, memory_budget_mb=proj["memory_budget_mb"],
                                  scratch_dir=proj.get("scratch_dir") or out_dir, tokens=features["pooled_tokens"])
-    _extract_and_write(extractor, features["layers"], stimulus_table, stimulus_root, model["image_size"], out_dir,
-                       features["batch_size"], device)
+    _extract_and_write(extractor, features["layers"], pd.read_parquet(stimulus_table), stimulus_root,
+                       model["image_size"], out_dir, features["batch_size"], device)
 
 
 def run_benchmark_extraction(stimulus_table: str | os.PathLike, stimulus_root: str | os.PathLike,
@@ -346,7 +346,7 @@ def run_benchmark_extraction(stimulus_table: str | os.PathLike, stimulus_root: s
     extractor = FeatureExtractor(loss, loss.layers, features["pooling"], "output", proj["method"], proj["dim"],
                                  seed=seed, memory_budget_mb=proj["memory_budget_mb"],
                                  scratch_dir=proj.get("scratch_dir") or out_dir, tokens=features["pooled_tokens"])
-    _extract_and_write(extractor, BENCHMARK_LAYERS, stimulus_table, stimulus_root, loss.image_size, out_dir,
+    _extract_and_write(extractor, BENCHMARK_LAYERS, table, stimulus_root, loss.image_size, out_dir,
                        features["batch_size"], device)
     index = {name: i for i, name in enumerate(loss.blocks)}
     save_parquet_atomic(pd.DataFrame({"layer": BENCHMARK_LAYERS, "module": loss.layers,
@@ -354,13 +354,12 @@ def run_benchmark_extraction(stimulus_table: str | os.PathLike, stimulus_root: s
                                       "block_depth": loss.layer_depths}), Path(out_dir) / "layers.parquet")
 
 
-def _extract_and_write(extractor: FeatureExtractor, labels: Sequence[str], stimulus_table, stimulus_root,
+def _extract_and_write(extractor: FeatureExtractor, labels: Sequence[str], table: pd.DataFrame, stimulus_root,
                        image_size: int, out_dir, batch_size: int, device) -> None:
     """Extract the stimulus table's images and write ``{label}.{forward,backprop}.npy`` (one label per
     extractor layer), ``index.parquet`` and ``losses.parquet``."""
     from brainprop.stimuli import StimulusDataset
 
-    table = pd.read_parquet(stimulus_table)
     dataset = StimulusDataset(table, stimulus_root, image_size)
     Path(extractor.scratch_dir).mkdir(parents=True, exist_ok=True)
     fwd, bwd, ids, losses = extract_features(extractor, dataset, batch_size, device,

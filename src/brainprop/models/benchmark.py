@@ -12,6 +12,7 @@ download and which config key to point at it.
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable, Mapping, Sequence
 
@@ -86,7 +87,7 @@ def captions_of(table: pd.DataFrame, template: str = "a photo of a {concept}") -
     return out
 
 
-class BenchmarkLoss:
+class BenchmarkLoss(abc.ABC):
     """Base of the benchmark models' image-wise losses.
 
     Subclasses set ``network`` (the vision encoder), ``blocks`` (the names, in ``network``, of all its
@@ -128,5 +129,6 @@ class BenchmarkLoss:
             raise KeyError(f"no caption for image(s) {missing[:5]}; the loss needs the stimulus table's captions")
         return [self.captions[i] for i in image_ids]
 
+    @abc.abstractmethod
     def __call__(self, images_uint8: torch.Tensor, image_ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """``(losses (B,), owner (N,))`` of the image-wise loss protocol (:mod:`brainprop.features`)."""
